@@ -1,0 +1,38 @@
+"""The data directory: prepared models, downloaded wheels, indexes and ledgers live under it.
+
+It defaults to ``./data`` (git-ignored) and is set by ``--data-dir`` on the CLI, ``data_dir`` in a
+config file, or ``RAY_APP_DATA_DIR``. The environment variable is read here, at the boundary, and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_DIR_ENV = "RAY_APP_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV, "data")).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class DataDir:
+    root: Path
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike | None) -> "DataDir":
+        return cls(Path(path).expanduser().resolve() if path else default_data_dir())
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def downloads(self) -> Path:
+        return self.root / "downloads"
+
+    def model(self, name: str) -> Path:
+        return self.models / name

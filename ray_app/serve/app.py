@@ -1,0 +1,73 @@
+"""``build_app``: the one builder of the Serve graph (``import_path: ray_app.serve.app:build_app``).
+
+It validates the whole config (schema, model sources, engine arguments) before any deployment is
+created or any weights load, reports every problem at once, then composes the deployments the
+config asks for and binds them into the ``Gateway``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from ray_app.models.resolve import ModelSourceError, resolve_source
+from ray_app.serve.config import AppConfig, ConfigError, LLMConfigModel
+from ray_app.serve.embedder import build_embedder_deployment
+from ray_app.serve.gateway import Gateway
+from ray_app.serve.llm import build_llm_app
+from ray_app.serve.protocol import ModelCard
+
+
+def unknown_engine_kwargs(engine_kwargs: dict[str, Any]) -> list[str]:
+    """Keys that vLLM's engine arguments do not have (a typo would otherwise fail minutes later)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    return sorted(set(engine_kwargs) - known)
+
+
+def resolve_sources(config: AppConfig) -> dict[str, str]:
+    """Model name -> loadable source for every configured model; raises one ``ConfigError`` for all problems."""
+    sources, problems = {}, []
+    for section, models in (("llms", config.llms), ("embedders", config.embedders)):
+        for i, model in enumerate(models):
+            try:
+                sources[model.name] = resolve_source(model.source, config.paths)
+            except ModelSourceError as e:
+                problems.append(f"{section}.{i}.source: {e}")
+    for i, llm in enumerate(config.llms):
+        unknown = unknown_engine_kwargs(llm.engine_kwargs)
+        if unknown:
+            problems.append(f"llms.{i}.engine_kwargs: unknown vLLM engine argument(s) {unknown}")
+    if problems:
+        raise ConfigError("serve config args", problems)
+    return sources
+
+
+def _max_model_len(llm: LLMConfigModel, source: str) -> int | None:
+    if "max_model_len" in llm.engine_kwargs:
+        return int(llm.engine_kwargs["max_model_len"])
+    config_file = Path(source) / "config.json"
+    if config_file.is_file():
+        return json.loads(config_file.read_text()).get("max_position_embeddings")
+    return None
+
+
+def model_cards(config: AppConfig, sources: dict[str, str]) -> dict[str, ModelCard]:
+    cards = {m.name: ModelCard(id=m.name, root=m.source, kind="llm", max_model_len=_max_model_len(m, sources[m.name]))
+             for m in config.llms}
+    cards |= {e.name: ModelCard(id=e.name, root=e.source, kind="embedding") for e in config.embedders}
+    return cards
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    config = AppConfig.load(args)
+    sources = resolve_sources(config)
+    llms = {m.name: build_llm_app(m, sources[m.name]) for m in config.llms}
+    embedders = {e.name: build_embedder_deployment(e, sources[e.name]) for e in config.embedders}
+    gateway = serve.deployment(Gateway).options(name="Gateway", **config.gateway.replicas.serve_options())
+    return gateway.bind(config, llms, embedders, model_cards(config, sources))

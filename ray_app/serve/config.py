@@ -1,0 +1,206 @@
+"""The typed schema of the serving application: the ``args`` of ``serve_config.yaml``.
+
+``AppConfig`` is the single source of truth for the Serve graph. ``build_app`` validates the YAML
+against it before any deployment is created or any weights load, and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from ray.serve.config import AutoscalingConfig
+
+from ray_app.paths import DataDir
+
+# Model names travel in URLs and Serve deployment names; `:` separates base model and adapter.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message lists every problem found."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+    @classmethod
+    def from_validation_error(cls, source: str, error: ValidationError) -> "ConfigError":
+        problems = []
+        for e in error.errors():
+            loc = ".".join(str(part) for part in e["loc"]) or "(top level)"
+            problems.append(f"{loc}: {e['msg']}")
+        return cls(source, problems)
+
+
+class _Strict(BaseModel):
+    # A typo in a YAML key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ReplicaSettings(_Strict):
+    """How many replicas of a deployment run, and what each one asks the cluster for."""
+
+    num_replicas: PositiveInt | None = Field(1, description="Fixed replica count; leave unset to autoscale.")
+    autoscaling_config: AutoscalingConfig | None = Field(
+        None, description="Ray Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests, ...)."
+    )
+    max_ongoing_requests: PositiveInt = Field(64, description="Requests a replica handles at once.")
+    num_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved per replica actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources, e.g. to land on a worker group."
+    )
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "ReplicaSettings":
+        if self.autoscaling_config is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        if self.autoscaling_config is not None:
+            self.num_replicas = None
+        return self
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``serve.deployment(...)``/``.options(...)``."""
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": self.ray_actor_options(),
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_unset=True)
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+class GatewayConfig(_Strict):
+    """The FastAPI ingress with the OpenAI routes."""
+
+    max_request_bytes: PositiveInt = Field(2 * 1024 * 1024, description="Larger request bodies get 413.")
+    request_timeout_s: PositiveFloat = Field(600.0, description="Server-side limit for one request.")
+    cors_allow_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS.")
+    replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.25))
+
+
+class LLMConfigModel(_Strict):
+    """One served LLM: a ``ray.serve.llm`` LLMServer deployment over vLLM."""
+
+    name: str = Field(description="The model id clients send as `model`.")
+    source: str = Field(
+        description="A prepared model name (see `ray-app models list`), a local folder, or a Hugging Face id."
+    )
+    accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where the engine runs.")
+    accelerator_type: str | None = Field(None, description="GPU type to land on, e.g. L4, A10G, H100.")
+    engine_cpus: PositiveFloat = Field(1.0, description="Logical CPUs in each engine worker's bundle.")
+    cpu_kv_cache_gib: PositiveFloat = Field(
+        2.0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="vLLM engine arguments (dtype, max_model_len, tensor_parallel_size, ...)."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the engine.")
+    replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LLMConfigModel":
+        if not _NAME.match(self.name) or ":" in self.name:
+            raise ValueError(f"name {self.name!r}: use letters, digits and . _ / - (no ':')")
+        if self.accelerator == "cpu" and self.engine_kwargs.get("dtype") in ("bfloat16", "half", "float16"):
+            raise ValueError(
+                f"engine_kwargs.dtype={self.engine_kwargs['dtype']!r} on CPU: use float32 "
+                "(bfloat16 without AVX512-bf16 is slow and was seen to produce degenerate text)"
+            )
+        return self
+
+    def engine_env(self) -> dict[str, str]:
+        env = {"HF_HUB_DISABLE_TELEMETRY": "1"}
+        if self.accelerator == "cpu":
+            env |= {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": f"{self.cpu_kv_cache_gib:g}"}
+        return env | self.env
+
+
+class EmbedderConfigModel(_Strict):
+    """One served sentence-transformers embedder."""
+
+    name: str = Field(description="The model id clients send as `model` to /v1/embeddings.")
+    source: str = Field(description="A prepared model name, a local folder, or a Hugging Face id.")
+    max_batch_size: PositiveInt = Field(32, description="Texts encoded together (Serve @serve.batch).")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill.")
+    num_threads: PositiveInt | None = Field(1, description="torch threads per replica; unset lets torch choose.")
+    replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.5))
+
+    @model_validator(mode="after")
+    def _check(self) -> "EmbedderConfigModel":
+        if not _NAME.match(self.name) or ":" in self.name:
+            raise ValueError(f"name {self.name!r}: use letters, digits and . _ / - (no ':')")
+        return self
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.replicas.num_gpus > 0 else "cpu"
+
+
+class AppConfig(_Strict):
+    """The serving application (``args`` of the Serve config)."""
+
+    data_dir: str | None = Field(
+        None, description="Where prepared models live; default ./data or $RAY_APP_DATA_DIR."
+    )
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    llms: list[LLMConfigModel] = Field(default_factory=list)
+    embedders: list[EmbedderConfigModel] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AppConfig":
+        if not self.llms and not self.embedders:
+            raise ValueError("configure at least one model under `llms` or `embedders`")
+        names = [m.name for m in self.llms] + [e.name for e in self.embedders]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique across llms and embedders; repeated: {duplicates}")
+        return self
+
+    @property
+    def paths(self) -> DataDir:
+        return DataDir.from_path(self.data_dir)
+
+    @classmethod
+    def load(cls, args: dict[str, Any], source: str = "serve config args") -> "AppConfig":
+        try:
+            return cls.model_validate(args)
+        except ValidationError as e:
+            raise ConfigError.from_validation_error(source, e) from None
+
+
+def load_serve_config(path: str | Path) -> list[tuple[str, AppConfig]]:
+    """Validate every ray_app application in a Serve config file: ``[(app name, AppConfig)]``."""
+    import yaml
+
+    path = Path(path)
+    document = yaml.safe_load(path.read_text())
+    apps = (document or {}).get("applications") or []
+    if not apps:
+        raise ConfigError(str(path), ["no `applications:` list"])
+    configs, problems = [], []
+    for i, app in enumerate(apps):
+        if not str(app.get("import_path", "")).startswith("ray_app."):
+            continue
+        try:
+            configs.append((app.get("name", f"app{i}"), AppConfig.load(app.get("args") or {}, f"applications.{i}.args")))
+        except ConfigError as e:
+            problems += [f"applications.{i}.args.{p}" for p in e.problems]
+    if problems:
+        raise ConfigError(str(path), problems)
+    if not configs:
+        raise ConfigError(str(path), ["no application imports ray_app (import_path: ray_app.serve.app:build_app)"])
+    return configs

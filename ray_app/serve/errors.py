@@ -1,0 +1,201 @@
+"""Typed API errors and the one place that turns them into OpenAI's error format.
+
+Inside the gateway, code raises an ``APIError`` subclass carrying the offending parameter; the
+handlers installed by ``install_error_handlers`` turn it (and FastAPI's validation errors, and
+failures of the deployments behind the gateway) into
+``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("ray_app.gateway")
+
+
+class APIError(Exception):
+    status_code = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class ModelNotFoundError(APIError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str, known: list[str], param: str = "model"):
+        super().__init__(
+            f"The model {model!r} does not exist. Known models: {', '.join(sorted(known)) or '(none)'}",
+            param=param,
+        )
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class RequestTooLargeError(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class EngineUnavailableError(APIError):
+    status_code = 503
+    type = "service_unavailable"
+    code = "engine_unavailable"
+
+
+class UpstreamTimeoutError(APIError):
+    status_code = 504
+    type = "timeout_error"
+    code = "timeout"
+
+
+def from_engine_error(status_code: int, message: str, err_type: str | None = None,
+                      param: str | None = None) -> APIError:
+    """An ``APIError`` for an error the engine (vLLM) reported in its own ErrorResponse."""
+    if status_code == 400 and "context length" in message.lower():
+        return ContextLengthExceededError(message, param=param or "messages")
+    cls = {400: InvalidRequestError, 404: NotFoundError, 413: RequestTooLargeError,
+           503: EngineUnavailableError}.get(status_code)
+    if cls is None:
+        error = APIError(message, param=param)
+        error.status_code = status_code if 400 <= status_code < 600 else 500
+        error.type = err_type or error.type
+        return error
+    return cls(message, param=param)
+
+
+def from_deployment_failure(exc: BaseException, model: str) -> APIError:
+    """An ``APIError`` for an exception raised by a call through a DeploymentHandle."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return EngineUnavailableError(f"{model!r} is overloaded (queue full); retry later",
+                                      headers={"retry-after": "1"})
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)):
+        return EngineUnavailableError(f"{model!r} is unavailable: its replica is not running ({type(exc).__name__})",
+                                      headers={"retry-after": "5"})
+    return APIError(f"internal error while serving {model!r}: {type(exc).__name__}: {exc}")
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+
+
+def sse_error(error: APIError) -> str:
+    """An error that happens after a stream has started: one SSE event, then the stream ends."""
+    return f"data: {json.dumps(error.body())}\n\n"
+
+
+def _validation_param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        if exc.status_code >= 500:
+            logger.warning("%s: %s", type(exc).__name__, exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        messages = "; ".join(f"{_validation_param(e['loc']) or 'body'}: {e['msg']}" for e in errors)
+        return error_response(InvalidRequestError(messages, param=_validation_param(first["loc"])))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = from_engine_error(exc.status_code, str(exc.detail))
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in the gateway")
+        return error_response(APIError(f"internal error: {type(exc).__name__}"))
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413, before they are parsed.
+
+    Checks Content-Length up front, and for chunked bodies reads (at most ``max_bytes + 1`` bytes)
+    before the app sees anything, then replays the body: the gateway parses every body in full
+    anyway, so buffering it here costs nothing extra.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        too_large = RequestTooLargeError(f"request body exceeds the limit of {self.max_bytes} bytes")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await error_response(too_large)(scope, receive, send)
+                return
+
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await error_response(too_large)(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

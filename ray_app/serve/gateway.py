@@ -1,0 +1,75 @@
+"""The ``Gateway`` deployment: the Serve ingress that hosts the OpenAI routes.
+
+It is thin on purpose: it wraps the DeploymentHandles it is given as backends of an
+``OpenAIService`` and serves the FastAPI app that ``routes.build_api`` builds over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ray import serve
+from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+from ray.serve.handle import DeploymentHandle
+
+from ray_app.embedder import Embeddings
+from ray_app.serve.config import AppConfig
+from ray_app.serve.openai_api import LLMStream, OpenAIService
+from ray_app.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard
+from ray_app.serve.routes import HealthReport, build_api
+
+
+class HandleLLM:
+    """An ``LLMBackend`` over a ray.serve.llm LLMServer deployment, streaming through the handle."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self._handle = handle.options(stream=True)
+
+    def chat(self, request: ChatCompletionRequest) -> LLMStream:
+        # Pydantic leaves some message fields as unpicklable iterators; Ray's own ingress
+        # materialises them the same way before crossing the handle.
+        return self._handle.chat.remote(_sanitize_chat_completion_request(request))
+
+    def completions(self, request: CompletionRequest) -> LLMStream:
+        return self._handle.completions.remote(request)
+
+
+class HandleEmbedder:
+    def __init__(self, handle: DeploymentHandle):
+        self._handle = handle
+
+    async def embed(self, texts: list[str]) -> Embeddings:
+        return await self._handle.embed.remote(texts)
+
+
+def health_from_status(status: serve.schema.ServeStatus, app_name: str) -> HealthReport:
+    """Ready only when the application and every one of its deployments is healthy."""
+    app = status.applications.get(app_name)
+    if app is None:
+        return HealthReport(False, {}, f"application {app_name!r} is not deployed")
+    deployments = {name: d.status.value for name, d in app.deployments.items()}
+    unhealthy = {n: d.message for n, d in app.deployments.items() if d.status.value != "HEALTHY"}
+    ready = app.status.value == "RUNNING" and not unhealthy
+    detail = "; ".join(f"{n}: {m or deployments[n]}" for n, m in unhealthy.items())
+    return HealthReport(ready, deployments, detail)
+
+
+@serve.ingress()
+class Gateway:
+    def __init__(self, config: AppConfig, llms: dict[str, DeploymentHandle],
+                 embedders: dict[str, DeploymentHandle], cards: dict[str, ModelCard]):
+        self.config = config
+        self.app_name = serve.get_replica_context().app_name
+        self.service = OpenAIService(
+            llms={name: HandleLLM(h) for name, h in llms.items()},
+            embedders={name: HandleEmbedder(h) for name, h in embedders.items()},
+            cards=cards,
+            timeout_s=config.gateway.request_timeout_s,
+        )
+
+    async def health(self) -> HealthReport:
+        status = await asyncio.to_thread(serve.status)
+        return health_from_status(status, self.app_name)
+
+    async def __serve_build_asgi_app__(self):
+        return build_api(self.service, self.config.gateway, self.health)

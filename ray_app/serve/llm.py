@@ -1,0 +1,52 @@
+"""The vLLM replica deployments, built on Ray's own ``ray.serve.llm`` (``LLMConfig`` + ``LLMServer``).
+
+Ray Serve LLM brings the engine lifecycle, multi-LoRA multiplexing, autoscaling and engine metrics;
+this module only translates our typed ``LLMConfigModel`` into its ``LLMConfig`` and adds two small
+read-only methods to its server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
+
+from ray_app.serve.config import LLMConfigModel
+
+DEPLOYMENT_PREFIX = "LLM:"
+
+
+class LLMDeployment(LLMServer):
+    """``LLMServer`` plus what the gateway's status and tests read from a replica."""
+
+    async def num_unfinished_requests(self) -> int:
+        # Requests the engine still holds (running or waiting): what an abort must bring back to 0.
+        # ray.serve.llm keeps the vLLM AsyncLLM client private; this is a read-only peek at it.
+        return self.engine._engine_client.get_num_unfinished_requests()
+
+
+def to_llm_config(model: LLMConfigModel, model_path: str) -> LLMConfig:
+    engine_kwargs: dict[str, Any] = dict(model.engine_kwargs)
+    if model.accelerator == "cpu":
+        bundle: dict[str, float] = {"CPU": model.engine_cpus}
+    else:
+        bundle = {"CPU": model.engine_cpus, "GPU": 1}
+    return LLMConfig(
+        model_loading_config={"model_id": model.name, "model_source": model_path},
+        accelerator_config={"kind": model.accelerator},
+        accelerator_type=model.accelerator_type,
+        engine_kwargs=engine_kwargs,
+        placement_group_config={"bundle_per_worker": bundle},
+        deployment_config=model.replicas.serve_options(),
+        runtime_env={"env_vars": model.engine_env()},
+        log_engine_metrics=True,
+    )
+
+
+def build_llm_app(model: LLMConfigModel, model_path: str):
+    """The bound ``LLMDeployment`` for one configured model, named ``LLM:<name>`` in the dashboard."""
+    return build_llm_deployment(
+        to_llm_config(model, model_path),
+        name_prefix=DEPLOYMENT_PREFIX,
+        deployment_cls=LLMDeployment,
+    )

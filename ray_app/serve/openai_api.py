@@ -1,0 +1,244 @@
+"""The serving logic behind the OpenAI routes: a plain class, tested without Ray.
+
+``OpenAIService`` resolves the requested model, calls its backend (in production a Serve
+DeploymentHandle to a ``ray.serve.llm`` replica or to the embedder; in unit tests a fake that emits
+the same objects and server-sent-event strings), turns engine errors into typed ``APIError``s,
+forwards streams, and records token usage for every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Protocol
+
+from ray_app.embedder import Embeddings, InputTooLongError
+from ray_app.serve.errors import (
+    APIError,
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    UpstreamTimeoutError,
+    from_deployment_failure,
+    from_engine_error,
+    sse_error,
+)
+from ray_app.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EngineErrorResponse,
+    ModelCard,
+    ModelList,
+    StreamOptions,
+    Usage,
+)
+
+logger = logging.getLogger("ray_app.gateway")
+
+DONE = "data: [DONE]\n\n"
+
+
+class LLMStream(Protocol):
+    """What a backend returns for one request: an async iterator that can be cancelled.
+
+    Items are what ``ray.serve.llm``'s LLMServer yields: a response object (non-streaming), an
+    ErrorResponse, or lists of server-sent-event strings ``"data: {...}\\n\\n"`` (streaming).
+    """
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+    async def __anext__(self) -> Any: ...
+    def cancel(self) -> None: ...
+
+
+class LLMBackend(Protocol):
+    def chat(self, request: ChatCompletionRequest) -> LLMStream: ...
+    def completions(self, request: CompletionRequest) -> LLMStream: ...
+
+
+class EmbedderBackend(Protocol):
+    async def embed(self, texts: list[str]) -> Embeddings: ...
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    model: str
+    endpoint: str
+    stream: bool
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    ttft_seconds: float | None = None
+
+
+def log_usage(record: UsageRecord) -> None:
+    logger.info(
+        "usage endpoint=%s model=%s stream=%s prompt_tokens=%d completion_tokens=%d ttft_ms=%s total_ms=%.0f",
+        record.endpoint, record.model, record.stream, record.prompt_tokens, record.completion_tokens,
+        "-" if record.ttft_seconds is None else f"{record.ttft_seconds * 1000:.0f}", record.seconds * 1000,
+    )
+
+
+@dataclass
+class OpenAIService:
+    llms: dict[str, LLMBackend]
+    embedders: dict[str, EmbedderBackend]
+    cards: dict[str, ModelCard]
+    timeout_s: float = 600.0
+    on_usage: Callable[[UsageRecord], None] = log_usage
+    _known: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._known = sorted(self.cards)
+
+    # -- models --------------------------------------------------------------------------------
+
+    def list_models(self) -> ModelList:
+        return ModelList(data=[self.cards[name] for name in self._known])
+
+    def get_model(self, model: str) -> ModelCard:
+        if model not in self.cards:
+            raise ModelNotFoundError(model, self._known)
+        return self.cards[model]
+
+    def _resolve(self, model: str | None, pool: dict, kind: str, other: dict, other_route: str) -> str:
+        if model is None:
+            if len(pool) == 1:
+                return next(iter(pool))
+            raise InvalidRequestError(f"`model` is required; {kind} models: {', '.join(sorted(pool))}", param="model")
+        if model in pool:
+            return model
+        if model in other:
+            raise InvalidRequestError(f"{model!r} is not a {kind} model; use {other_route}", param="model")
+        raise ModelNotFoundError(model, self._known)
+
+    # -- chat and text completions -------------------------------------------------------------
+
+    async def chat(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+        name = self._resolve(request.model, self.llms, "chat", self.embedders, "/v1/embeddings")
+        return await self._generate(name, request, "chat")
+
+    async def completions(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
+        name = self._resolve(request.model, self.llms, "completion", self.embedders, "/v1/embeddings")
+        return await self._generate(name, request, "completions")
+
+    async def _generate(self, name: str, request: Any, endpoint: str) -> dict | AsyncIterator[str]:
+        request.model = name
+        started = time.perf_counter()
+        client_wants_usage = bool(request.stream and request.stream_options and request.stream_options.include_usage)
+        if request.stream:
+            # Always ask the engine for usage so every request is accounted; the usage chunk is
+            # forwarded only when the client asked for it (OpenAI's `stream_options.include_usage`).
+            request.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=False)
+        backend = self.llms[name]
+        stream = getattr(backend, endpoint)(request)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                first = await anext(stream)
+        except StopAsyncIteration:
+            raise APIError(f"{name!r} returned no response") from None
+        except TimeoutError:
+            stream.cancel()
+            raise UpstreamTimeoutError(f"{name!r} did not answer within {self.timeout_s:g} s") from None
+        except BaseException as exc:
+            stream.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise from_deployment_failure(exc, name) from exc
+
+        head = first[0] if isinstance(first, list) and first else first
+        if _is_error(head):
+            raise from_engine_error(head.error.code, head.error.message, head.error.type, head.error.param)
+        if not request.stream:
+            body = head.model_dump()
+            usage = body.get("usage") or {}
+            self.on_usage(UsageRecord(name, endpoint, False, usage.get("prompt_tokens", 0),
+                                      usage.get("completion_tokens", 0), time.perf_counter() - started))
+            return body
+        return self._forward_stream(name, endpoint, first, stream, client_wants_usage, started)
+
+    async def _forward_stream(self, name: str, endpoint: str, first: Any, stream: LLMStream,
+                              client_wants_usage: bool, started: float) -> AsyncIterator[str]:
+        usage = Usage()
+        ttft: float | None = None
+        finished = False
+        deadline = started + self.timeout_s
+        try:
+            item = first
+            while True:
+                for packet in item if isinstance(item, list) else [item]:
+                    if _is_error(packet):
+                        yield sse_error(from_engine_error(packet.error.code, packet.error.message))
+                        continue
+                    text = packet if isinstance(packet, str) else f"data: {packet.model_dump_json()}\n\n"
+                    if '"usage":{' in text and '"choices":[]' in text:
+                        usage = Usage(**json.loads(text[len("data: "):])["usage"])
+                        if not client_wants_usage:
+                            continue
+                    if ttft is None and text != DONE:
+                        ttft = time.perf_counter() - started
+                    yield text
+                try:
+                    async with asyncio.timeout(max(deadline - time.perf_counter(), 0)):
+                        item = await anext(stream)
+                except StopAsyncIteration:
+                    break
+            finished = True
+        except TimeoutError:
+            finished = True
+            yield sse_error(UpstreamTimeoutError(f"{name!r} did not finish within {self.timeout_s:g} s"))
+            yield DONE
+        except APIError as exc:
+            finished = True
+            yield sse_error(exc)
+            yield DONE
+        except Exception as exc:  # a replica died mid-stream: tell the client in-band
+            finished = True
+            yield sse_error(from_deployment_failure(exc, name))
+            yield DONE
+        finally:
+            if not finished:
+                # The client went away (or the gateway is shutting down): cancel the replica's
+                # request so the engine aborts it and frees its slot and KV cache.
+                stream.cancel()
+            self.on_usage(UsageRecord(name, endpoint, True, usage.prompt_tokens, usage.completion_tokens,
+                                      time.perf_counter() - started, ttft))
+
+    # -- embeddings ----------------------------------------------------------------------------
+
+    async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        name = self._resolve(request.model, self.embedders, "embedding", self.llms, "/v1/chat/completions")
+        started = time.perf_counter()
+        texts = request.texts
+        try:
+            result = await self.embedders[name].embed(texts)
+        except InputTooLongError as exc:
+            cause = getattr(exc, "cause", exc)  # Ray wraps the replica's exception
+            raise ContextLengthExceededError(str(InputTooLongError(cause.index, cause.tokens, cause.limit)),
+                                             param="input") from None
+        except Exception as exc:
+            raise from_deployment_failure(exc, name) from exc
+        vectors = result.vectors
+        if request.dimensions is not None and request.dimensions != vectors.shape[1]:
+            raise InvalidRequestError(
+                f"{name!r} produces {vectors.shape[1]}-dimensional embeddings and cannot shorten them; "
+                f"omit `dimensions` or set it to {vectors.shape[1]}", param="dimensions")
+        if request.encoding_format == "base64":
+            data = [EmbeddingData(index=i, embedding=base64.b64encode(v.astype("<f4").tobytes()).decode())
+                    for i, v in enumerate(vectors)]
+        else:
+            data = [EmbeddingData(index=i, embedding=v.tolist()) for i, v in enumerate(vectors)]
+        prompt_tokens = sum(result.token_counts)
+        self.on_usage(UsageRecord(name, "embeddings", False, prompt_tokens, 0, time.perf_counter() - started))
+        return EmbeddingResponse(data=data, model=name,
+                                 usage=Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))
+
+
+def _is_error(item: Any) -> bool:
+    return isinstance(item, EngineErrorResponse)

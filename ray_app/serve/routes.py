@@ -1,0 +1,82 @@
+"""The OpenAI-compatible HTTP routes: glue between FastAPI and ``OpenAIService``.
+
+``build_api`` returns a plain FastAPI app, so the routes, the error format and the body limit are
+tested in-process; the Serve ``Gateway`` deployment only hosts what this returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ray_app.serve.config import GatewayConfig
+from ray_app.serve.errors import BodySizeLimit, install_error_handlers
+from ray_app.serve.openai_api import OpenAIService
+from ray_app.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelCard,
+    ModelList,
+)
+
+
+@dataclass
+class HealthReport:
+    ready: bool
+    deployments: dict[str, str] = field(default_factory=dict)
+    detail: str = ""
+
+
+def _respond(result: dict | AsyncIterator[str]) -> Response:
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    return StreamingResponse(result, media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+def build_api(service: OpenAIService, config: GatewayConfig,
+              health: Callable[[], Awaitable[HealthReport]]) -> FastAPI:
+    app = FastAPI(title="ray_app", description="OpenAI-compatible API over Ray Serve", version="1")
+    install_error_handlers(app)
+    if config.cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_allow_origins,
+                           allow_methods=["*"], allow_headers=["*"])
+    # Added last so it runs first: oversized bodies are refused before anything parses them.
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return service.list_models()
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard)
+    async def get_model(model: str) -> ModelCard:
+        return service.get_model(model)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        return _respond(await service.chat(body))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Response:
+        return _respond(await service.completions(body))
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse)
+    async def embeddings(body: EmbeddingRequest) -> EmbeddingResponse:
+        return await service.embeddings(body)
+
+    @app.get("/health")
+    async def health_check() -> JSONResponse:
+        report = await health()
+        return JSONResponse(
+            {"status": "ok" if report.ready else "unavailable", "deployments": report.deployments,
+             "detail": report.detail},
+            status_code=200 if report.ready else 503,
+        )
+
+    return app
