@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from vllm.exceptions import VLLMClientError, VLLMNotFoundError
 
 logger = logging.getLogger("ray_app.gateway")
 
@@ -142,6 +143,13 @@ def install_error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         messages = "; ".join(f"{_validation_param(e['loc']) or 'body'}: {e['msg']}" for e in errors)
         return error_response(InvalidRequestError(messages, param=_validation_param(first["loc"])))
+
+    @app.exception_handler(VLLMClientError)
+    async def _vllm_client_error(_: Request, exc: VLLMClientError) -> JSONResponse:
+        # vLLM's request models validate some fields by raising this from inside pydantic
+        if isinstance(exc, VLLMNotFoundError):
+            return error_response(NotFoundError(str(exc)))
+        return error_response(InvalidRequestError(str(exc), param=getattr(exc, "parameter", None)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,0 +1,130 @@
+"""The typed serving config: the shipped serve_config.yaml, validation, and translation to ray.serve.llm."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_app.serve.app import model_cards, resolve_sources
+from ray_app.serve.config import AppConfig, ConfigError, LLMConfigModel, load_serve_config
+from ray_app.serve.llm import LLMDeployment, to_llm_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def shipped_args() -> dict:
+    return yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+
+
+def test_shipped_serve_config_validates_and_resolves(data_dir):
+    [(name, config)] = load_serve_config(ROOT / "serve_config.yaml")
+    assert name == "ray_app"
+    assert [m.name for m in config.llms] == ["smollm2-135m-instruct"]
+    assert [e.name for e in config.embedders] == ["all-minilm-l6-v2"]
+    sources = resolve_sources(config)
+    assert Path(sources["smollm2-135m-instruct"], "config.json").is_file()
+    cards = model_cards(config, sources)
+    assert cards["smollm2-135m-instruct"].max_model_len == 2048
+
+
+def test_shipped_serve_config_points_at_the_builder():
+    document = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    assert document["applications"][0]["import_path"] == "ray_app.serve.app:build_app"
+
+
+def test_every_problem_is_reported_at_once():
+    args = shipped_args()
+    args["gateway"]["max_request_bytes"] = -1
+    args["llms"][0]["engine_kwargs"]["dtype"] = "bfloat16"
+    args["embedders"][0]["max_batch_size"] = 0
+    args["embedders"][0]["surprise"] = True
+    with pytest.raises(ConfigError) as exc:
+        AppConfig.load(args)
+    problems = exc.value.problems
+    assert len(problems) == 4, problems
+    text = str(exc.value)
+    for fragment in ("gateway.max_request_bytes", "bfloat16", "max_batch_size", "surprise"):
+        assert fragment in text
+
+
+def test_model_names_must_be_unique_and_present():
+    args = shipped_args()
+    args["embedders"][0]["name"] = args["llms"][0]["name"]
+    with pytest.raises(ConfigError, match="unique"):
+        AppConfig.load(args)
+    with pytest.raises(ConfigError, match="at least one model"):
+        AppConfig.load({"llms": [], "embedders": []})
+    with pytest.raises(ConfigError, match="no ':'"):
+        AppConfig.load({"llms": [{"name": "base:adapter", "source": "x"}]})
+
+
+def test_replicas_fixed_or_autoscaled_not_both():
+    with pytest.raises(ConfigError, match="not both"):
+        AppConfig.load({"llms": [{"name": "m", "source": "x",
+                                  "replicas": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}}]})
+    config = AppConfig.load({"llms": [{"name": "m", "source": "x",
+                                       "replicas": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}}]})
+    options = config.llms[0].replicas.serve_options()
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3}
+
+
+def test_sources_and_engine_arguments_are_checked_before_start(data_dir, tmp_path):
+    args = shipped_args()
+    args["data_dir"] = str(data_dir.root)
+    args["llms"] = [
+        {"name": "a", "source": "tiny-llama", "engine_kwargs": {"dtype": "float32", "max_modle_len": 5}},
+        {"name": "b", "source": str(tmp_path / "missing")},
+        {"name": "c", "source": "someorg/not-cached-model"},
+        {"name": "d", "source": str(tmp_path)},  # exists but is no model folder
+    ]
+    config = AppConfig.load(args)
+    with pytest.raises(ConfigError) as exc:
+        resolve_sources(config)
+    problems = "\n".join(exc.value.problems)
+    assert len(exc.value.problems) == 4, problems
+    assert "max_modle_len" in problems
+    assert "neither a prepared model" in problems
+    assert "offline" in problems and "someorg/not-cached-model" in problems
+    assert "no config.json" in problems
+
+
+def test_unprepared_catalog_model_says_how_to_prepare_it(tmp_path):
+    config = AppConfig.load({"data_dir": str(tmp_path), "llms": [{"name": "m", "source": "smollm2-135m-instruct"}]})
+    with pytest.raises(ConfigError, match="ray-app models prepare smollm2-135m-instruct"):
+        resolve_sources(config)
+
+
+def test_cpu_llm_translates_to_ray_serve_llm_config():
+    model = LLMConfigModel(name="m", source="x", engine_cpus=1, cpu_kv_cache_gib=3,
+                           engine_kwargs={"dtype": "float32", "enforce_eager": True},
+                           replicas={"num_replicas": 2, "max_ongoing_requests": 8})
+    llm_config = to_llm_config(model, "/models/x")
+    assert llm_config.model_id == "m"
+    assert llm_config.model_loading_config.model_source == "/models/x"
+    env = llm_config.runtime_env["env_vars"]
+    assert env["VLLM_TARGET_DEVICE"] == "cpu" and env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    options = LLMDeployment.get_deployment_options(llm_config)
+    # the replica actor asks for no CPU of its own, so one engine fits a 2-core machine beside the gateway
+    assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 0.0}]
+    assert options["num_replicas"] == 2 and options["max_ongoing_requests"] == 8
+
+
+def test_gpu_llm_asks_for_a_gpu_and_keeps_cpu_env_out():
+    model = LLMConfigModel(name="m", source="x", accelerator="gpu", accelerator_type="L4",
+                           engine_kwargs={"dtype": "bfloat16", "tensor_parallel_size": 1})
+    llm_config = to_llm_config(model, "org/model")
+    assert "VLLM_TARGET_DEVICE" not in llm_config.runtime_env["env_vars"]
+    assert llm_config.accelerator_type == "L4"
+    bundles = LLMDeployment.get_deployment_options(llm_config)["placement_group_bundles"]
+    assert bundles[0]["GPU"] == 1
+
+
+def test_config_is_not_mutated_by_translation():
+    model = LLMConfigModel(name="m", source="x", engine_kwargs={"dtype": "float32"})
+    before = copy.deepcopy(model.model_dump())
+    to_llm_config(model, "/x")
+    assert model.model_dump() == before

@@ -1,0 +1,270 @@
+"""The OpenAI routes in-process (no Ray): wire format, streaming, usage and every error path."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from ray_app.serve.config import GatewayConfig
+from ray_app.serve.openai_api import OpenAIService
+from ray_app.serve.protocol import ModelCard
+from ray_app.serve.routes import HealthReport, build_api
+from tests.fakes import FakeEmbedder, FakeLLM
+
+
+class Harness:
+    def __init__(self, llms=None, embedders=None, max_request_bytes=4096, timeout_s=5.0, ready=True):
+        self.llms = llms if llms is not None else {"fake-llm": FakeLLM()}
+        self.embedders = embedders if embedders is not None else {"fake-embed": FakeEmbedder()}
+        cards = {n: ModelCard(id=n, kind="llm") for n in self.llms}
+        cards |= {n: ModelCard(id=n, kind="embedding") for n in self.embedders}
+        self.usage = []
+        self.service = OpenAIService(self.llms, self.embedders, cards, timeout_s=timeout_s, on_usage=self.usage.append)
+        self.ready = ready
+
+        async def health() -> HealthReport:
+            return HealthReport(self.ready, {"Gateway": "HEALTHY" if self.ready else "UNHEALTHY"})
+
+        self.app = build_api(self.service, GatewayConfig(max_request_bytes=max_request_bytes), health)
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://test")
+        self.client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="unused", http_client=self.http,
+                                         max_retries=0)
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+CHAT = {"model": "fake-llm", "messages": [{"role": "user", "content": "capital of France?"}]}
+
+
+def assert_openai_error(response: httpx.Response, status: int, param=None, code=None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+async def test_models_list_and_retrieve(h: Harness):
+    models = await h.client.models.list()
+    assert sorted(m.id for m in models.data) == ["fake-embed", "fake-llm"]
+    card = await h.client.models.retrieve("fake-llm")
+    assert card.id == "fake-llm"
+    error = assert_openai_error(await h.http.get("/v1/models/nope"), 404, param="model", code="model_not_found")
+    assert "fake-llm" in error["message"] and "fake-embed" in error["message"]
+
+
+async def test_chat_non_streaming_returns_usage(h: Harness):
+    response = await h.client.chat.completions.create(**CHAT)
+    assert response.choices[0].message.content == "Paris is the capital."
+    assert response.usage.prompt_tokens == 7 and response.usage.completion_tokens == 4
+    assert h.usage[-1].completion_tokens == 4 and not h.usage[-1].stream
+
+
+async def test_chat_streaming_forwards_chunks_and_hides_usage_unless_asked(h: Harness):
+    stream = await h.client.chat.completions.create(**CHAT, stream=True)
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Paris is the capital."
+    assert all(c.usage is None for c in chunks)
+    # the engine was still asked for usage, so the request is accounted
+    assert h.llms["fake-llm"].requests[-1].stream_options.include_usage is True
+    assert h.usage[-1].stream and h.usage[-1].prompt_tokens == 7 and h.usage[-1].completion_tokens == 4
+    assert h.usage[-1].ttft_seconds is not None
+
+
+async def test_chat_streaming_with_include_usage(h: Harness):
+    stream = await h.client.chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 11
+
+
+async def test_raw_stream_ends_with_done(h: Harness):
+    response = await h.http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in response.text.split("\n\n") if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+
+
+async def test_text_completions(h: Harness):
+    response = await h.client.completions.create(model="fake-llm", prompt="The capital of France is")
+    assert response.choices[0].text == "Paris is the capital."
+    assert response.usage.total_tokens == 11
+
+
+async def test_unknown_model_is_404_listing_known_models(h: Harness):
+    with pytest.raises(openai.NotFoundError) as exc:
+        await h.client.chat.completions.create(**{**CHAT, "model": "gpt-9"})
+    assert exc.value.body["code"] == "model_not_found"
+    assert "fake-llm" in exc.value.body["message"]
+
+
+async def test_chat_with_an_embedding_model_is_400(h: Harness):
+    error = assert_openai_error(await h.http.post("/v1/chat/completions", json={**CHAT, "model": "fake-embed"}),
+                                400, param="model")
+    assert "/v1/embeddings" in error["message"]
+
+
+async def test_model_may_be_omitted_only_when_unambiguous():
+    one = Harness()
+    response = await one.http.post("/v1/chat/completions", json={"messages": CHAT["messages"]})
+    assert response.status_code == 200 and response.json()["model"] == "fake-llm"
+    two = Harness(llms={"a": FakeLLM(), "b": FakeLLM()})
+    assert_openai_error(await two.http.post("/v1/chat/completions", json={"messages": CHAT["messages"]}),
+                        400, param="model")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({**CHAT, "messages": "not a list"}, "messages"),
+    ({**CHAT, "temperature": "hot"}, "temperature"),
+    ({**CHAT, "stream_options": {"include_usage": True}}, None),  # stream_options without stream
+    ({"model": "fake-llm"}, "messages"),
+])
+async def test_invalid_parameters_are_400(h: Harness, body, param):
+    error = assert_openai_error(await h.http.post("/v1/chat/completions", json=body), 400)
+    assert error["type"] == "invalid_request_error"
+    if param:
+        assert error["param"] == param
+
+
+async def test_malformed_json_is_400(h: Harness):
+    response = await h.http.post("/v1/chat/completions", content=b"{not json",
+                                 headers={"content-type": "application/json"})
+    assert_openai_error(response, 400)
+
+
+async def test_prompt_over_context_is_400_and_says_the_limit(h: Harness):
+    long = {**CHAT, "messages": [{"role": "user", "content": "word " * 100}]}
+    error = assert_openai_error(await h.http.post("/v1/chat/completions", json=long), 400,
+                                code="context_length_exceeded")
+    assert "64" in error["message"]
+    # the same on a stream: the error comes before any event, as an HTTP error
+    error = assert_openai_error(await h.http.post("/v1/chat/completions", json={**long, "stream": True}), 400,
+                                code="context_length_exceeded")
+
+
+async def test_body_over_limit_is_413(h: Harness):
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 10_000}]}
+    assert_openai_error(await h.http.post("/v1/chat/completions", json=big), 413, code="request_too_large")
+
+    async def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b"x" * 1000
+
+    response = await h.http.post("/v1/chat/completions", content=chunks(),
+                                 headers={"content-type": "application/json"})
+    assert_openai_error(response, 413)
+    # a body under the limit still works afterwards
+    assert (await h.http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+async def test_embeddings_float_and_base64_agree(h: Harness):
+    texts = ["first text", "second one here"]
+    floats = await h.http.post("/v1/embeddings", json={"model": "fake-embed", "input": texts})
+    b64 = await h.http.post("/v1/embeddings", json={"model": "fake-embed", "input": texts,
+                                                    "encoding_format": "base64"})
+    assert floats.status_code == b64.status_code == 200
+    for f, b in zip(floats.json()["data"], b64.json()["data"]):
+        decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
+        assert np.allclose(decoded, f["embedding"])
+    assert floats.json()["usage"] == {"prompt_tokens": 2 + 2 + 3 + 2, "completion_tokens": 0, "total_tokens": 9}
+    # the SDK's default path (base64 on the wire, decoded client-side)
+    response = await h.client.embeddings.create(model="fake-embed", input="first text")
+    assert np.allclose(response.data[0].embedding, floats.json()["data"][0]["embedding"], atol=1e-6)
+
+
+@pytest.mark.parametrize("body, status, param, code", [
+    ({"model": "fake-embed", "input": "word " * 40}, 400, "input", "context_length_exceeded"),
+    ({"model": "fake-embed", "input": [1, 2, 3]}, 400, "input", None),
+    ({"model": "fake-embed", "input": []}, 400, "input", None),
+    ({"model": "fake-embed", "input": "x", "dimensions": 4}, 400, "dimensions", None),
+    ({"model": "fake-llm", "input": "x"}, 400, "model", None),
+    ({"model": "nope", "input": "x"}, 404, "model", "model_not_found"),
+])
+async def test_embedding_errors(h: Harness, body, status, param, code):
+    assert_openai_error(await h.http.post("/v1/embeddings", json=body), status, param=param, code=code)
+
+
+async def test_replica_failures_are_503():
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    for exc, retry_after in ((ActorDiedError(), "5"),
+                             (BackPressureError(num_queued_requests=5, max_queued_requests=5), "1")):
+        llm = FakeLLM()
+        h = Harness(llms={"fake-llm": llm})
+        llm.chat = lambda request, exc=exc: _Raising(exc)
+        response = await h.http.post("/v1/chat/completions", json=CHAT)
+        error = assert_openai_error(response, 503, code="engine_unavailable")
+        assert response.headers["retry-after"] == retry_after
+        assert "fake-llm" in error["message"]
+
+
+class _Raising:
+    """A backend stream whose replica call fails, as a DeploymentResponseGenerator does."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        raise self.exc
+
+    def cancel(self):
+        self.cancelled = True
+
+
+async def test_failure_mid_stream_is_an_error_event_then_done():
+    llm = FakeLLM(reply="one two three four five six", fail_after=2)
+    h = Harness(llms={"fake-llm": llm})
+    response = await h.http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    events = [e for e in response.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    words = [json.loads(e[len("data: "):])["choices"][0]["delta"].get("content") for e in events[:-2]]
+    assert "".join(w or "" for w in words) == "one two three"  # the two batches sent before the failure
+    error = json.loads(events[-2][len("data: "):])["error"]
+    assert error["code"] == "engine_unavailable"
+
+
+async def test_slow_engine_times_out_with_504():
+    h = Harness(llms={"fake-llm": FakeLLM(delay_s=0.5)}, timeout_s=0.2)
+    response = await h.http.post("/v1/chat/completions", json=CHAT)
+    assert_openai_error(response, 504, code="timeout")
+    assert h.llms["fake-llm"].streams[-1].cancelled
+
+
+async def test_client_going_away_cancels_the_engine_request(h: Harness):
+    from ray_app.serve.protocol import ChatCompletionRequest
+
+    llm = h.llms["fake-llm"]
+    llm.reply = " ".join(["word"] * 50)
+    stream = await h.service.chat(ChatCompletionRequest(**CHAT, stream=True))
+    await anext(stream)
+    await anext(stream)
+    await stream.aclose()  # what Starlette does when the client disconnects
+    assert llm.streams[-1].cancelled
+    # a stream read to the end is not cancelled
+    stream = await h.service.chat(ChatCompletionRequest(**CHAT, stream=True))
+    _ = [p async for p in stream]
+    assert not llm.streams[-1].cancelled
+
+
+async def test_health_reports_readiness():
+    ready, not_ready = Harness(ready=True), Harness(ready=False)
+    assert (await ready.http.get("/health")).status_code == 200
+    response = await not_ready.http.get("/health")
+    assert response.status_code == 503 and response.json()["status"] == "unavailable"
