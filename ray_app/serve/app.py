@@ -22,12 +22,22 @@ from ray_app.serve.llm import build_llm_app
 from ray_app.serve.protocol import ModelCard
 
 
-def unknown_engine_kwargs(engine_kwargs: dict[str, Any]) -> list[str]:
-    """Keys that vLLM's engine arguments do not have (a typo would otherwise fail minutes later)."""
+def engine_kwargs_problems(engine_kwargs: dict[str, Any]) -> list[str]:
+    """What vLLM will refuse in ``engine_kwargs``: unknown keys, and nested configs that do not validate.
+
+    Checked here, before any replica starts, because the replica would only fail minutes later.
+    """
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import _normalize_vllm_engine_kwargs
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    return sorted(set(engine_kwargs) - known)
+    problems = [f"unknown vLLM engine argument {key!r}" for key in sorted(set(engine_kwargs) - known)]
+    try:
+        # the same normalisation the replica applies to dict-valued configs
+        _normalize_vllm_engine_kwargs({k: v for k, v in engine_kwargs.items() if k in known})
+    except ValueError as e:
+        problems.append(str(e).splitlines()[0] + ": " + " ".join(str(e).splitlines()[1:3]))
+    return problems
 
 
 def resolve_sources(config: AppConfig) -> dict[str, str]:
@@ -40,9 +50,7 @@ def resolve_sources(config: AppConfig) -> dict[str, str]:
             except ModelSourceError as e:
                 problems.append(f"{section}.{i}.source: {e}")
     for i, llm in enumerate(config.llms):
-        unknown = unknown_engine_kwargs(llm.engine_kwargs)
-        if unknown:
-            problems.append(f"llms.{i}.engine_kwargs: unknown vLLM engine argument(s) {unknown}")
+        problems += [f"llms.{i}.engine_kwargs: {p}" for p in engine_kwargs_problems(llm.engine_kwargs)]
     if problems:
         raise ConfigError("serve config args", problems)
     return sources

@@ -89,6 +89,9 @@ class GatewayConfig(_Strict):
     max_request_bytes: PositiveInt = Field(2 * 1024 * 1024, description="Larger request bodies get 413.")
     request_timeout_s: PositiveFloat = Field(600.0, description="Server-side limit for one request.")
     cors_allow_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS.")
+    status_poll_interval_s: PositiveFloat = Field(
+        1.0, description="How often the gateway reads deployment status (503 for models with no running replica)."
+    )
     replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.25))
 
 

@@ -10,7 +10,9 @@ import asyncio
 
 from ray import serve
 from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+from ray.serve._private.common import ReplicaState
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ServeStatus
 
 from ray_app.embedder import Embeddings
 from ray_app.serve.config import AppConfig
@@ -42,7 +44,20 @@ class HandleEmbedder:
         return await self._handle.embed.remote(texts)
 
 
-def health_from_status(status: serve.schema.ServeStatus, app_name: str) -> HealthReport:
+def unavailable_reason(status: ServeStatus | None, app_name: str, deployment: str,
+                       scales_to_zero: bool = False) -> str | None:
+    """Why ``deployment`` cannot take a request now, or None. Unknown status means no verdict."""
+    app = status.applications.get(app_name) if status else None
+    if app is None or deployment not in app.deployments:
+        return None
+    d = app.deployments[deployment]
+    running = d.replica_states.get(ReplicaState.RUNNING, 0)
+    if running == 0 and not scales_to_zero:
+        return f"no running replica ({d.status.value}{': ' + d.message if d.message else ''})"
+    return None
+
+
+def health_from_status(status: ServeStatus, app_name: str) -> HealthReport:
     """Ready only when the application and every one of its deployments is healthy."""
     app = status.applications.get(app_name)
     if app is None:
@@ -60,16 +75,37 @@ class Gateway:
                  embedders: dict[str, DeploymentHandle], cards: dict[str, ModelCard]):
         self.config = config
         self.app_name = serve.get_replica_context().app_name
+        self._deployments = {name: h.deployment_name for name, h in (llms | embedders).items()}
+        self._scale_to_zero = {
+            m.name for m in config.llms + config.embedders
+            if m.replicas.autoscaling_config is not None and m.replicas.autoscaling_config.min_replicas == 0
+        }
+        self._status: ServeStatus | None = None
         self.service = OpenAIService(
             llms={name: HandleLLM(h) for name, h in llms.items()},
             embedders={name: HandleEmbedder(h) for name, h in embedders.items()},
             cards=cards,
             timeout_s=config.gateway.request_timeout_s,
+            unavailable=self._unavailable,
         )
+
+    def _unavailable(self, model: str) -> str | None:
+        return unavailable_reason(self._status, self.app_name, self._deployments[model],
+                                  scales_to_zero=model in self._scale_to_zero)
+
+    async def _poll_status(self) -> None:
+        # Off the request path: requests read the last snapshot, never wait for the controller.
+        while True:
+            try:
+                self._status = await asyncio.to_thread(serve.status)
+            except Exception:  # the controller restarting is no reason to stop polling
+                self._status = None
+            await asyncio.sleep(self.config.gateway.status_poll_interval_s)
 
     async def health(self) -> HealthReport:
         status = await asyncio.to_thread(serve.status)
         return health_from_status(status, self.app_name)
 
     async def __serve_build_asgi_app__(self):
+        self._poller = asyncio.get_running_loop().create_task(self._poll_status())
         return build_api(self.service, self.config.gateway, self.health)

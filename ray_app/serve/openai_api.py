@@ -20,6 +20,7 @@ from ray_app.embedder import Embeddings, InputTooLongError
 from ray_app.serve.errors import (
     APIError,
     ContextLengthExceededError,
+    EngineUnavailableError,
     InvalidRequestError,
     ModelNotFoundError,
     UpstreamTimeoutError,
@@ -92,6 +93,8 @@ class OpenAIService:
     cards: dict[str, ModelCard]
     timeout_s: float = 600.0
     on_usage: Callable[[UsageRecord], None] = log_usage
+    # model -> why it cannot serve now (None when it can); fed by the gateway's status poll
+    unavailable: Callable[[str], str | None] = lambda model: None
     _known: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,10 +112,14 @@ class OpenAIService:
 
     def _resolve(self, model: str | None, pool: dict, kind: str, other: dict, other_route: str) -> str:
         if model is None:
-            if len(pool) == 1:
-                return next(iter(pool))
-            raise InvalidRequestError(f"`model` is required; {kind} models: {', '.join(sorted(pool))}", param="model")
+            if len(pool) != 1:
+                raise InvalidRequestError(f"`model` is required; {kind} models: {', '.join(sorted(pool))}",
+                                          param="model")
+            model = next(iter(pool))
         if model in pool:
+            if (reason := self.unavailable(model)) is not None:
+                # fail fast instead of queueing behind a replica that is not there
+                raise EngineUnavailableError(f"{model!r} is unavailable: {reason}", headers={"retry-after": "5"})
             return model
         if model in other:
             raise InvalidRequestError(f"{model!r} is not a {kind} model; use {other_route}", param="model")

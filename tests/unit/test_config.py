@@ -76,7 +76,9 @@ def test_sources_and_engine_arguments_are_checked_before_start(data_dir, tmp_pat
     args = shipped_args()
     args["data_dir"] = str(data_dir.root)
     args["llms"] = [
-        {"name": "a", "source": "tiny-llama", "engine_kwargs": {"dtype": "float32", "max_modle_len": 5}},
+        {"name": "a", "source": "tiny-llama", "engine_kwargs": {
+            "dtype": "float32", "max_modle_len": 5,
+            "structured_outputs_config": {"disable_any_whitespace": True}}},  # needs backend xgrammar
         {"name": "b", "source": str(tmp_path / "missing")},
         {"name": "c", "source": "someorg/not-cached-model"},
         {"name": "d", "source": str(tmp_path)},  # exists but is no model folder
@@ -85,8 +87,9 @@ def test_sources_and_engine_arguments_are_checked_before_start(data_dir, tmp_pat
     with pytest.raises(ConfigError) as exc:
         resolve_sources(config)
     problems = "\n".join(exc.value.problems)
-    assert len(exc.value.problems) == 4, problems
+    assert len(exc.value.problems) == 5, problems
     assert "max_modle_len" in problems
+    assert "structured_outputs_config" in problems
     assert "neither a prepared model" in problems
     assert "offline" in problems and "someorg/not-cached-model" in problems
     assert "no config.json" in problems

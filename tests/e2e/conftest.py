@@ -1,0 +1,107 @@
+"""End-to-end fixtures: one real local Ray cluster per test session, and the real Serve app on it.
+
+The app is the shipped ``serve_config.yaml`` application (SmolLM2 + all-MiniLM-L6-v2) plus the tiny
+random Llama, served by real vLLM CPU engines behind the real gateway, over HTTP on a free port.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+APP_NAME = "ray_app"
+
+TINY = {
+    "name": "tiny-llama",
+    "source": "tiny-llama",
+    "cpu_kv_cache_gib": 1,
+    "engine_kwargs": {
+        "dtype": "float32", "enforce_eager": True, "max_model_len": 512,
+        # a random model would pad JSON with whitespace forever; compact JSON keeps its output bounded
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+    },
+    "replicas": {"num_replicas": 1, "max_ongoing_requests": 64},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shipped_application() -> dict:
+    return yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
+
+
+def wait_for(url: str, timeout_s: float = 300, status: int = 200) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.get(url, timeout=10)
+            if last.status_code == status:
+                return last
+        except httpx.HTTPError as e:
+            last = e
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout_s}s (last: {last})")
+
+
+@dataclass
+class Cluster:
+    http_port: int
+    dashboard_url: str
+
+
+@dataclass
+class Served:
+    base_url: str  # http://127.0.0.1:PORT
+    args: dict
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(data_dir):
+    import ray
+    from ray import serve
+
+    application = shipped_application()
+    port, dashboard_port = free_port(), free_port()
+    ray.init(
+        num_cpus=8,  # logical: the graph asks for ~3 CPUs of scheduling room on a 2-core machine
+        include_dashboard=True,
+        dashboard_port=dashboard_port,
+        runtime_env=application.get("runtime_env"),
+        logging_level="WARNING",
+        configure_logging=True,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield Cluster(http_port=port, dashboard_url=f"http://127.0.0.1:{dashboard_port}")
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served(ray_cluster) -> Served:
+    from ray import serve
+
+    from ray_app.serve.app import build_app
+
+    args = copy.deepcopy(shipped_application()["args"])
+    args["llms"].append(copy.deepcopy(TINY))
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    base_url = f"http://127.0.0.1:{ray_cluster.http_port}"
+    wait_for(base_url + "/health")
+    return Served(base_url=base_url, args=args)
