@@ -112,6 +112,12 @@ class LLMConfigModel(_Strict):
         default_factory=dict, description="vLLM engine arguments (dtype, max_model_len, tensor_parallel_size, ...)."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the engine.")
+    stream_batching_interval_ms: float | None = Field(
+        None, ge=0,
+        description="How long a replica gathers stream chunks before sending them on (ray.serve.llm's default "
+                    "is 50 ms). Batching saves per-chunk overhead at thousands of tokens/s; it adds up to this "
+                    "much to time-to-first-token. 0 sends every chunk at once.",
+    )
     replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
 
     @model_validator(mode="after")

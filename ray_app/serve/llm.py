@@ -40,6 +40,10 @@ def to_llm_config(model: LLMConfigModel, model_path: str) -> LLMConfig:
         deployment_config=model.replicas.serve_options(),
         runtime_env={"env_vars": model.engine_env()},
         log_engine_metrics=True,
+        experimental_configs=(
+            {} if model.stream_batching_interval_ms is None
+            else {"stream_batching_interval_ms": model.stream_batching_interval_ms}
+        ),
     )
 
 

@@ -153,10 +153,11 @@ class OpenAIService:
         except TimeoutError:
             stream.cancel()
             raise UpstreamTimeoutError(f"{name!r} did not answer within {self.timeout_s:g} s") from None
-        except BaseException as exc:
+        except asyncio.CancelledError:  # the client went away before the first token
             stream.cancel()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            raise
+        except Exception as exc:
+            stream.cancel()
             raise from_deployment_failure(exc, name) from exc
 
         head = first[0] if isinstance(first, list) and first else first
@@ -179,18 +180,22 @@ class OpenAIService:
         try:
             item = first
             while True:
+                # One write per batch the replica sends: every write is a message to the HTTP proxy.
+                out = []
                 for packet in item if isinstance(item, list) else [item]:
                     if _is_error(packet):
-                        yield sse_error(from_engine_error(packet.error.code, packet.error.message))
+                        out.append(sse_error(from_engine_error(packet.error.code, packet.error.message)))
                         continue
                     text = packet if isinstance(packet, str) else f"data: {packet.model_dump_json()}\n\n"
                     if '"usage":{' in text and '"choices":[]' in text:
                         usage = Usage(**json.loads(text[len("data: "):])["usage"])
                         if not client_wants_usage:
                             continue
-                    if ttft is None and text != DONE:
+                    out.append(text)
+                if out:
+                    if ttft is None and out[0] != DONE:
                         ttft = time.perf_counter() - started
-                    yield text
+                    yield "".join(out)
                 try:
                     async with asyncio.timeout(max(deadline - time.perf_counter(), 0)):
                         item = await anext(stream)

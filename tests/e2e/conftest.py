@@ -7,6 +7,7 @@ random Llama, served by real vLLM CPU engines behind the real gateway, over HTTP
 from __future__ import annotations
 
 import copy
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ def ray_cluster(data_dir):
     import ray
     from ray import serve
 
+    # the serving mode the README starts (override by exporting the variable before pytest)
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     application = shipped_application()
     port, dashboard_port = free_port(), free_port()
     ray.init(

@@ -188,21 +188,20 @@ def test_malformed_requests_never_kill_a_replica(served, client):
     assert set(health["deployments"].values()) == {"HEALTHY"}
 
 
-def test_client_disconnect_aborts_the_engine_request(served):
+async def test_client_disconnect_aborts_the_engine_request(served):
     from ray import serve
 
     engine = serve.get_deployment_handle(f"LLM:{TINY}", app_name="ray_app")
-    assert engine.num_unfinished_requests.remote().result() == 0
-    body = {"model": TINY, "messages": FRANCE, "max_tokens": 480, "stream": True, "extra_body": None,
-            "ignore_eos": True}
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", served.v1 + "/chat/completions", json=body) as response:
-            lines = response.iter_lines()
+    assert await engine.num_unfinished_requests.remote() == 0
+    body = {"model": TINY, "messages": FRANCE, "max_tokens": 480, "stream": True, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=60) as http:
+        async with http.stream("POST", served.v1 + "/chat/completions", json=body) as response:
+            lines = response.aiter_lines()
             for _ in range(6):
-                next(lines)
-            assert engine.num_unfinished_requests.remote().result() == 1
+                await anext(lines)
+            assert await engine.num_unfinished_requests.remote() == 1
     # the client hung up long before 480 tokens: the engine must drop the request
     deadline = time.monotonic() + 10
-    while engine.num_unfinished_requests.remote().result() != 0:
+    while await engine.num_unfinished_requests.remote() != 0:
         assert time.monotonic() < deadline, "the engine kept generating for a client that went away"
-        time.sleep(0.2)
+        await asyncio.sleep(0.2)

@@ -131,3 +131,9 @@ def test_config_is_not_mutated_by_translation():
     before = copy.deepcopy(model.model_dump())
     to_llm_config(model, "/x")
     assert model.model_dump() == before
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "serve").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_serve_config_validates(path):
+    apps = load_serve_config(path)
+    assert apps and all(config.llms or config.embedders for _, config in apps)
