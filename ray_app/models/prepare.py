@@ -263,10 +263,15 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     if missing or unexpected:
         raise PrepareError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
+    # Default sampling of the instruct model (vLLM applies generation_config.json when a request sets
+    # none): the values SmolLM2-Instruct's model card uses; at temperature 1 a 135M model rambles.
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=0.2,
+        top_p=0.9,
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

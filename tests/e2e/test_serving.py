@@ -57,6 +57,9 @@ def test_smollm2_answers_with_usage(client):
     usage = response.usage
     assert usage.prompt_tokens > 10 and 0 < usage.completion_tokens <= 24
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # without sampling parameters the model's own defaults apply (temperature 0.2), not temperature 1
+    default = client.chat.completions.create(model=SMOL, messages=FRANCE, max_tokens=24, seed=1)
+    assert "Paris" in default.choices[0].message.content
 
 
 def test_streaming_gives_the_same_text_as_non_streaming(client):
