@@ -13,8 +13,10 @@ app = typer.Typer(help="ray_app: a self-hosted AI platform on Ray.", no_args_is_
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Prepare and list the offline models.", no_args_is_help=True)
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
+collection_app = typer.Typer(help="Inspect and edit document collections.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
+app.add_typer(collection_app, name="collection")
 
 console = Console(stderr=True)
 
@@ -79,6 +81,140 @@ def config_validate(
     for name, config in apps:
         console.print(f"[green]valid:[/] {path} application {name!r}: "
                       f"{len(config.llms)} LLM(s), {len(config.embedders)} embedder(s)")
+
+
+IngestConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", help="Ingest config (default: configs/ingest.yaml if present).")]
+AddressOption = Annotated[
+    Optional[str], typer.Option("--address", help="A running Ray cluster (e.g. `auto` while `serve run` is up), "
+                                                  "so the collection is written where it is served.")]
+
+
+def _ingest_config(path: Path | None, data_dir: Path | None):
+    from ray_app.documents.config import IngestConfig
+
+    default = Path("configs/ingest.yaml")
+    path = path or (default if default.is_file() else None)
+    return IngestConfig.load(path, {"data_dir": str(data_dir)} if data_dir else None)
+
+
+@app.command("ingest")
+def ingest(
+    source: Annotated[str, typer.Argument(help="A folder, a file, or an s3:// prefix.")],
+    collection: Annotated[str, typer.Option("--collection", "-c", help="The collection (knowledge base).")],
+    config: IngestConfigOption = None,
+    sensitivity: Annotated[Optional[str], typer.Option(
+        help="Label for these files: public, internal or confidential (per-folder rules win).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Where to write the per-file JSONL report.")] = None,
+    address: AddressOption = None,
+    data_dir: DataDirOption = None,
+    progress: Annotated[bool, typer.Option(help="Show Ray Data progress bars.")] = True,
+) -> None:
+    """Parse, OCR, chunk, embed and index documents; exit status 0 complete, 2 partial, 1 failed."""
+    import json
+    import time
+
+    from ray_app.config_error import ConfigError
+    from ray_app.documents.pipeline import run_ingest
+
+    if sensitivity not in (None, "public", "internal", "confidential"):
+        raise typer.BadParameter("public, internal or confidential", param_hint="--sensitivity")
+    try:
+        cfg = _ingest_config(config, data_dir)
+        result = run_ingest(source, collection, cfg, sensitivity=sensitivity, address=address, progress=progress)
+    except (ConfigError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1)
+    report = report or cfg.paths.root / "reports" / f"{collection}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    result.write_jsonl(report)
+    for outcome in result.files:
+        if outcome.status == "refused":
+            console.print(f"[yellow]refused[/] {outcome.path}: [{outcome.code}] {outcome.reason}")
+    summary = result.summary()
+    colour = {"complete": "green", "partial": "yellow", "failed": "red"}[summary["status"]]
+    console.print(f"[{colour}]{summary['status']}[/]: {summary['indexed']} indexed, {summary['unchanged']} unchanged, "
+                  f"{summary['refused']} refused; {summary['chunks']} chunks in {summary['seconds']} s. Report: {report}")
+    print(json.dumps(summary))
+    raise typer.Exit(result.exit_code)
+
+
+def _store(config: Path | None, data_dir: Path | None, address: str | None):
+    """The collections: through the cluster's store actor with --address, else opened here."""
+    cfg = _ingest_config(config, data_dir)
+    if address:
+        import ray
+
+        from ray_app.documents.store_actor import get_store
+
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        actor = get_store(cfg.store, cfg.paths)
+
+        class _Sync:
+            def __getattr__(self, name):
+                return lambda *a, **k: ray.get(getattr(actor, name).remote(*a, **k))
+
+        return _Sync()
+    from ray_app.documents.store import open_store
+
+    return open_store(cfg.store, cfg.paths)
+
+
+@collection_app.command("list")
+def collection_list(config: IngestConfigOption = None, address: AddressOption = None,
+                    data_dir: DataDirOption = None) -> None:
+    """Collections with their document and chunk counts."""
+    store = _store(config, data_dir, address)
+    table = Table("collection", "documents", "chunks", "dimensions", "embedder")
+    for name in store.collection_names():
+        info = store.collection(name)
+        table.add_row(name, str(info.documents), str(info.points), str(info.dimensions), info.embedder)
+    Console().print(table)
+
+
+@collection_app.command("docs")
+def collection_docs(collection: str, config: IngestConfigOption = None, address: AddressOption = None,
+                    data_dir: DataDirOption = None) -> None:
+    """The documents of a collection (doc_id, chunks, sensitivity, source)."""
+    store = _store(config, data_dir, address)
+    table = Table("doc_id", "chunks", "sensitivity", "source")
+    for doc_id, payload in sorted(store.documents(collection).items(), key=lambda kv: kv[1]["source"]):
+        table.add_row(doc_id, str(payload.get("chunk_count")), payload.get("sensitivity", ""), payload["source"])
+    Console().print(table)
+
+
+@collection_app.command("delete-doc")
+def collection_delete_doc(
+    collection: str,
+    document: Annotated[str, typer.Argument(help="A doc_id, or the document's source path/URI.")],
+    config: IngestConfigOption = None, address: AddressOption = None, data_dir: DataDirOption = None,
+) -> None:
+    """Remove a document (all its chunks) from a collection."""
+    from ray_app.documents.sources import DOC_NAMESPACE
+
+    import uuid
+
+    store = _store(config, data_dir, address)
+    doc_id = document
+    if Path(document).exists():
+        doc_id = str(uuid.uuid5(DOC_NAMESPACE, Path(document).resolve().as_uri()))
+    elif "://" in document:
+        doc_id = str(uuid.uuid5(DOC_NAMESPACE, document))
+    deleted = store.delete_document(collection, doc_id)
+    if not deleted:
+        console.print(f"[red]no document {document!r} in {collection!r}[/]")
+        raise typer.Exit(1)
+    console.print(f"[green]deleted[/] {document} ({deleted} chunks) from {collection}")
+
+
+@collection_app.command("drop")
+def collection_drop(collection: str, yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+                    config: IngestConfigOption = None, address: AddressOption = None,
+                    data_dir: DataDirOption = None) -> None:
+    """Delete a whole collection."""
+    if not yes:
+        typer.confirm(f"Delete collection {collection!r} and all its documents?", abort=True)
+    _store(config, data_dir, address).drop_collection(collection)
+    console.print(f"[green]dropped[/] {collection}")
 
 
 def main() -> None:

@@ -16,7 +16,10 @@ from ray import serve
 
 from ray_app.models.resolve import ModelSourceError, resolve_source
 from ray_app.serve.config import AppConfig, ConfigError, LLMConfigModel
+from ray_app.documents.config import OCRConfig
 from ray_app.serve.embedder import build_embedder_deployment
+from ray_app.serve.knowledge import build_knowledge_deployment
+from ray_app.serve.ocr import build_ocr_deployment
 from ray_app.serve.gateway import Gateway
 from ray_app.serve.llm import build_llm_app
 from ray_app.serve.protocol import ModelCard
@@ -41,8 +44,14 @@ def engine_kwargs_problems(engine_kwargs: dict[str, Any]) -> list[str]:
 
 
 def resolve_sources(config: AppConfig) -> dict[str, str]:
-    """Model name -> loadable source for every configured model; raises one ``ConfigError`` for all problems."""
+    """Model name -> loadable source for every configured model (and the reranker, under the key
+    ``knowledge.reranker``); raises one ``ConfigError`` for all problems."""
     sources, problems = {}, []
+    if config.knowledge is not None and config.knowledge.reranker:
+        try:
+            sources["knowledge.reranker"] = resolve_source(config.knowledge.reranker, config.paths)
+        except ModelSourceError as e:
+            problems.append(f"knowledge.reranker: {e}")
     for section, models in (("llms", config.llms), ("embedders", config.embedders)):
         for i, model in enumerate(models):
             try:
@@ -77,5 +86,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     sources = resolve_sources(config)
     llms = {m.name: build_llm_app(m, sources[m.name]) for m in config.llms}
     embedders = {e.name: build_embedder_deployment(e, sources[e.name]) for e in config.embedders}
+    ocr = build_ocr_deployment(config.ocr) if config.ocr is not None else None
+    knowledge = None
+    if config.knowledge is not None:
+        embedder = config.embedder_config(config.knowledge.embedder)
+        knowledge = build_knowledge_deployment(
+            config.knowledge, str(config.paths.root), embedder.source, sources[embedder.name],
+            embedders[embedder.name], ocr, config.ocr.ocr if config.ocr else OCRConfig(),
+            sources.get("knowledge.reranker"))
     gateway = serve.deployment(Gateway).options(name="Gateway", **config.gateway.replicas.serve_options())
-    return gateway.bind(config, llms, embedders, model_cards(config, sources))
+    return gateway.bind(config, llms, embedders, model_cards(config, sources), knowledge, ocr)

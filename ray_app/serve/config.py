@@ -13,28 +13,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 from ray.serve.config import AutoscalingConfig
 
+from ray_app.config_error import ConfigError
+from ray_app.documents.config import ChunkingConfig, OCRConfig, Sensitivity, StoreConfig
 from ray_app.paths import DataDir
+
+__all__ = ["AppConfig", "ConfigError", "EmbedderConfigModel", "GatewayConfig", "LLMConfigModel", "ReplicaSettings",
+           "load_serve_config"]
 
 # Model names travel in URLs and Serve deployment names; `:` separates base model and adapter.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
-
-
-class ConfigError(ValueError):
-    """A configuration is invalid; the message lists every problem found."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
-
-    @classmethod
-    def from_validation_error(cls, source: str, error: ValidationError) -> "ConfigError":
-        problems = []
-        for e in error.errors():
-            loc = ".".join(str(part) for part in e["loc"]) or "(top level)"
-            problems.append(f"{loc}: {e['msg']}")
-        return cls(source, problems)
 
 
 class _Strict(BaseModel):
@@ -159,6 +146,34 @@ class EmbedderConfigModel(_Strict):
         return "cuda" if self.replicas.num_gpus > 0 else "cpu"
 
 
+class OCRServeConfig(_Strict):
+    """The OCR deployment behind ``POST /v1/ocr`` (and OCR of uploaded scans)."""
+
+    ocr: OCRConfig = Field(default_factory=OCRConfig)
+    max_request_bytes: PositiveInt = Field(20 * 1024 * 1024, description="Largest image or PDF accepted.")
+    concurrency: PositiveInt = Field(1, description="Tesseract processes a replica runs at once.")
+    replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.25))
+
+
+class KnowledgeConfig(_Strict):
+    """The knowledge-base deployment: retrieval (``/v1/retrieve``, ``rag`` on chat), uploads, collections.
+
+    Chunking, OCR and the embedder must match the ingest config (``configs/ingest.yaml``) so a file
+    uploaded here and the same file ingested by ``ray-app ingest`` are recognised as one document.
+    """
+
+    embedder: str = Field(description="Name of the `embedders` entry that embeds queries and uploads.")
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
+    top_k: int = Field(5, ge=1, le=100, description="Passages retrieved when a request does not say.")
+    max_context_chars: PositiveInt = Field(
+        4000, description="Characters of retrieved text put in front of a chat (fits SmolLM2's 2k context).")
+    max_upload_bytes: PositiveInt = Field(50 * 1024 * 1024)
+    default_sensitivity: Sensitivity = "internal"
+    reranker: str | None = Field(None, description="A cross-encoder model source; unset: no reranking.")
+    replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.25))
+
+
 class AppConfig(_Strict):
     """The serving application (``args`` of the Serve config)."""
 
@@ -168,6 +183,8 @@ class AppConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     llms: list[LLMConfigModel] = Field(default_factory=list)
     embedders: list[EmbedderConfigModel] = Field(default_factory=list)
+    ocr: OCRServeConfig | None = Field(None, description="Serve OCR (/v1/ocr, scanned uploads); unset: no OCR.")
+    knowledge: KnowledgeConfig | None = Field(None, description="Serve retrieval and RAG; unset: none.")
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":
@@ -177,7 +194,13 @@ class AppConfig(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique across llms and embedders; repeated: {duplicates}")
+        if self.knowledge is not None and self.knowledge.embedder not in {e.name for e in self.embedders}:
+            raise ValueError(f"knowledge.embedder {self.knowledge.embedder!r} is not one of the configured "
+                             f"embedders {[e.name for e in self.embedders]}")
         return self
+
+    def embedder_config(self, name: str) -> EmbedderConfigModel:
+        return next(e for e in self.embedders if e.name == name)
 
     @property
     def paths(self) -> DataDir:

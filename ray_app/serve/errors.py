@@ -116,6 +116,34 @@ def from_deployment_failure(exc: BaseException, model: str) -> APIError:
     return APIError(f"internal error while serving {model!r}: {type(exc).__name__}: {exc}")
 
 
+class UnsupportedMediaError(APIError):
+    status_code = 415
+    type = "invalid_request_error"
+    code = "unsupported_type"
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception a deployment raised, without Ray's RayTaskError wrapper."""
+    return getattr(exc, "cause", None) or exc
+
+
+def from_document_error(exc: BaseException, what: str) -> APIError:
+    """An ``APIError`` for a failure of the document side (store, parser, OCR)."""
+    from ray_app.documents.parse import RefusedFile
+    from ray_app.documents.store import CollectionNotFound, StoreError
+
+    cause = root_cause(exc)
+    if isinstance(cause, CollectionNotFound):
+        return NotFoundError(str(cause), param="collection", code="collection_not_found")
+    if isinstance(cause, RefusedFile):
+        cls = {"too_large": RequestTooLargeError, "unsupported_type": UnsupportedMediaError}.get(cause.code,
+                                                                                                InvalidRequestError)
+        return cls(cause.message, param="file", code=cause.code)
+    if isinstance(cause, (StoreError, ValueError)):
+        return InvalidRequestError(str(cause))
+    return from_deployment_failure(exc, what)
+
+
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
@@ -163,24 +191,30 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class BodySizeLimit:
-    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413, before they are parsed.
+    """ASGI middleware: refuse request bodies over the limit with 413, before they are parsed.
 
-    Checks Content-Length up front, and for chunked bodies reads (at most ``max_bytes + 1`` bytes)
-    before the app sees anything, then replays the body: the gateway parses every body in full
-    anyway, so buffering it here costs nothing extra.
+    ``max_bytes`` is the default; ``route_limits`` maps path prefixes (uploads, OCR) to their own limits.
+    Checks Content-Length up front, and for chunked bodies reads (at most the limit + 1 bytes) before
+    the app sees anything, then replays the body: the gateway parses every body in full anyway, so
+    buffering it here costs nothing extra.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, route_limits: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.route_limits = sorted((route_limits or {}).items(), key=lambda kv: -len(kv[0]))
+
+    def limit_for(self, path: str) -> int:
+        return next((limit for prefix, limit in self.route_limits if path.startswith(prefix)), self.max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        too_large = RequestTooLargeError(f"request body exceeds the limit of {self.max_bytes} bytes")
+        limit = self.limit_for(scope.get("path", ""))
+        too_large = RequestTooLargeError(f"request body exceeds the limit of {limit} bytes")
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await error_response(too_large)(scope, receive, send)
                 return
 
@@ -191,7 +225,7 @@ class BodySizeLimit:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
+            if size > limit:
                 await error_response(too_large)(scope, receive, send)
                 return
             if not message.get("more_body", False):

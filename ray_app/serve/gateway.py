@@ -16,6 +16,7 @@ from ray.serve.schema import ServeStatus
 
 from ray_app.embedder import Embeddings
 from ray_app.serve.config import AppConfig
+from ray_app.serve.documents_api import DocumentsService
 from ray_app.serve.openai_api import LLMStream, OpenAIService
 from ray_app.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard
 from ray_app.serve.routes import HealthReport, build_api
@@ -42,6 +43,36 @@ class HandleEmbedder:
 
     async def embed(self, texts: list[str]) -> Embeddings:
         return await self._handle.embed.remote(texts)
+
+
+class HandleKnowledge:
+    """A ``KnowledgeBackend`` over the Knowledge deployment."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self._handle = handle
+
+    async def retrieve(self, query, options):
+        return await self._handle.retrieve.remote(query, options)
+
+    async def augment(self, messages, options):
+        return await self._handle.augment.remote(messages, options)
+
+    async def ingest_file(self, collection, filename, data, sensitivity):
+        return await self._handle.ingest_file.remote(collection, filename, data, sensitivity)
+
+    async def collections(self):
+        return await self._handle.collections.remote()
+
+    async def delete_document(self, collection, doc_id):
+        return await self._handle.delete_document.remote(collection, doc_id)
+
+
+class HandleOCR:
+    def __init__(self, handle: DeploymentHandle):
+        self._handle = handle
+
+    async def recognize(self, filename, data):
+        return await self._handle.recognize.remote(filename, data)
 
 
 def unavailable_reason(status: ServeStatus | None, app_name: str, deployment: str,
@@ -72,7 +103,8 @@ def health_from_status(status: ServeStatus, app_name: str) -> HealthReport:
 @serve.ingress()
 class Gateway:
     def __init__(self, config: AppConfig, llms: dict[str, DeploymentHandle],
-                 embedders: dict[str, DeploymentHandle], cards: dict[str, ModelCard]):
+                 embedders: dict[str, DeploymentHandle], cards: dict[str, ModelCard],
+                 knowledge: DeploymentHandle | None = None, ocr: DeploymentHandle | None = None):
         self.config = config
         self.app_name = serve.get_replica_context().app_name
         self._deployments = {name: h.deployment_name for name, h in (llms | embedders).items()}
@@ -87,7 +119,14 @@ class Gateway:
             cards=cards,
             timeout_s=config.gateway.request_timeout_s,
             unavailable=self._unavailable,
+            documents=DocumentsService(knowledge=HandleKnowledge(knowledge) if knowledge else None,
+                                       ocr_backend=HandleOCR(ocr) if ocr else None),
         )
+        self._route_limits = {}
+        if config.ocr is not None:
+            self._route_limits["/v1/ocr"] = config.ocr.max_request_bytes
+        if config.knowledge is not None:
+            self._route_limits["/v1/collections"] = config.knowledge.max_upload_bytes
 
     def _unavailable(self, model: str) -> str | None:
         return unavailable_reason(self._status, self.app_name, self._deployments[model],
@@ -108,4 +147,4 @@ class Gateway:
 
     async def __serve_build_asgi_app__(self):
         self._poller = asyncio.get_running_loop().create_task(self._poll_status())
-        return build_api(self.service, self.config.gateway, self.health)
+        return build_api(self.service, self.config.gateway, self.health, self._route_limits)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Protocol
 
 from ray_app.embedder import Embeddings, InputTooLongError
+from ray_app.serve.documents_api import DocumentsService
 from ray_app.serve.errors import (
     APIError,
     ContextLengthExceededError,
@@ -95,6 +96,7 @@ class OpenAIService:
     on_usage: Callable[[UsageRecord], None] = log_usage
     # model -> why it cannot serve now (None when it can); fed by the gateway's status poll
     unavailable: Callable[[str], str | None] = lambda model: None
+    documents: DocumentsService = field(default_factory=DocumentsService)
     _known: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -129,13 +131,21 @@ class OpenAIService:
 
     async def chat(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
         name = self._resolve(request.model, self.llms, "chat", self.embedders, "/v1/embeddings")
-        return await self._generate(name, request, "chat")
+        rag = (request.model_extra or {}).pop("rag", None)
+        if rag is None:
+            return await self._generate(name, request, "chat")
+        # retrieval-augmented: numbered sources go into the prompt, citations come back with the answer
+        request.messages, citations, _ = await self.documents.augment(list(request.messages), rag)
+        return await self._generate(name, request, "chat", extra={"citations": citations})
 
     async def completions(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
         name = self._resolve(request.model, self.llms, "completion", self.embedders, "/v1/embeddings")
         return await self._generate(name, request, "completions")
 
-    async def _generate(self, name: str, request: Any, endpoint: str) -> dict | AsyncIterator[str]:
+    async def _generate(self, name: str, request: Any, endpoint: str,
+                        extra: dict[str, Any] | None = None) -> dict | AsyncIterator[str]:
+        """Run ``request`` on model ``name``; ``extra`` fields are added to the response (its first
+        chunk when streaming)."""
         request.model = name
         started = time.perf_counter()
         client_wants_usage = bool(request.stream and request.stream_options and request.stream_options.include_usage)
@@ -164,15 +174,16 @@ class OpenAIService:
         if _is_error(head):
             raise from_engine_error(head.error.code, head.error.message, head.error.type, head.error.param)
         if not request.stream:
-            body = head.model_dump()
+            body = head.model_dump() | (extra or {})
             usage = body.get("usage") or {}
             self.on_usage(UsageRecord(name, endpoint, False, usage.get("prompt_tokens", 0),
                                       usage.get("completion_tokens", 0), time.perf_counter() - started))
             return body
-        return self._forward_stream(name, endpoint, first, stream, client_wants_usage, started)
+        return self._forward_stream(name, endpoint, first, stream, client_wants_usage, started, extra)
 
     async def _forward_stream(self, name: str, endpoint: str, first: Any, stream: LLMStream,
-                              client_wants_usage: bool, started: float) -> AsyncIterator[str]:
+                              client_wants_usage: bool, started: float,
+                              extra: dict[str, Any] | None = None) -> AsyncIterator[str]:
         usage = Usage()
         ttft: float | None = None
         finished = False
@@ -191,6 +202,9 @@ class OpenAIService:
                         usage = Usage(**json.loads(text[len("data: "):])["usage"])
                         if not client_wants_usage:
                             continue
+                    if extra and text.startswith("data: {"):
+                        text = f"data: {json.dumps(json.loads(text[len('data: '):]) | extra)}\n\n"
+                        extra = None
                     out.append(text)
                 if out:
                     if ttft is None and out[0] != DONE:

@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI
+from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ray_app.documents.config import Sensitivity
+from ray_app.documents.retrieval import RetrieveRequest
 from ray_app.serve.config import GatewayConfig
 from ray_app.serve.errors import BodySizeLimit, install_error_handlers
 from ray_app.serve.openai_api import OpenAIService
@@ -40,15 +42,17 @@ def _respond(result: dict | AsyncIterator[str]) -> Response:
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
-def build_api(service: OpenAIService, config: GatewayConfig,
-              health: Callable[[], Awaitable[HealthReport]]) -> FastAPI:
+def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[], Awaitable[HealthReport]],
+              route_limits: dict[str, int] | None = None) -> FastAPI:
+    """The app; ``route_limits`` gives path prefixes (uploads, OCR) body limits of their own."""
     app = FastAPI(title="ray_app", description="OpenAI-compatible API over Ray Serve", version="1")
     install_error_handlers(app)
     if config.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_allow_origins,
                            allow_methods=["*"], allow_headers=["*"])
     # Added last so it runs first: oversized bodies are refused before anything parses them.
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes, route_limits=route_limits)
+    documents = service.documents
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
@@ -69,6 +73,28 @@ def build_api(service: OpenAIService, config: GatewayConfig,
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(body: EmbeddingRequest) -> EmbeddingResponse:
         return await service.embeddings(body)
+
+    @app.post("/v1/retrieve")
+    async def retrieve(body: RetrieveRequest) -> JSONResponse:
+        return JSONResponse(await documents.retrieve(body))
+
+    @app.post("/v1/ocr")
+    async def ocr(file: UploadFile = File(description="An image (PNG, JPEG, TIFF, ...) or a PDF.")) -> JSONResponse:
+        return JSONResponse(await documents.ocr(file.filename or "upload", await file.read()))
+
+    @app.get("/v1/collections")
+    async def collections() -> JSONResponse:
+        return JSONResponse(await documents.collections())
+
+    @app.post("/v1/collections/{collection}/documents")
+    async def upload(collection: str, file: UploadFile = File(description="A document to index."),
+                     sensitivity: Sensitivity | None = Form(None)) -> JSONResponse:
+        result = await documents.upload(collection, file.filename or "upload", await file.read(), sensitivity)
+        return JSONResponse(result, status_code=201 if result["status"] == "indexed" else 200)
+
+    @app.delete("/v1/collections/{collection}/documents/{doc_id}")
+    async def delete_document(collection: str, doc_id: str) -> JSONResponse:
+        return JSONResponse(await documents.delete_document(collection, doc_id))
 
     @app.get("/health")
     async def health_check() -> JSONResponse:

@@ -1,0 +1,34 @@
+"""Ingest documents into a collection on a Ray cluster:
+
+    ray job submit --working-dir . -- python jobs/ingest.py --input ./docs --collection handbook
+"""
+
+import argparse
+import json
+import sys
+
+from ray_app.documents.config import IngestConfig
+from ray_app.documents.pipeline import run_ingest
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="folder, file or s3:// prefix")
+    parser.add_argument("--collection", required=True)
+    parser.add_argument("--config", default="configs/ingest.yaml")
+    parser.add_argument("--sensitivity", choices=["public", "internal", "confidential"])
+    parser.add_argument("--report", help="per-file JSONL report (default: under the data dir)")
+    args = parser.parse_args()
+
+    config = IngestConfig.load(args.config)
+    report = run_ingest(args.input, args.collection, config, sensitivity=args.sensitivity, address="auto")
+    path = report.write_jsonl(args.report or config.paths.root / "reports" / f"{args.collection}.jsonl")
+    for outcome in report.files:
+        if outcome.status == "refused":
+            print(f"refused {outcome.path}: [{outcome.code}] {outcome.reason}")
+    print(json.dumps({**report.summary(), "report": str(path)}))
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

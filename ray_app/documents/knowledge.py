@@ -1,0 +1,168 @@
+"""``KnowledgeBase``: what the serving side does with collections, as a plain class.
+
+Retrieval (``/v1/retrieve``), retrieval-augmented chat (numbered sources in the prompt, citations in
+the response), single-file uploads (the same parse -> OCR -> chunk -> embed steps as the pipeline), and
+collection administration. Its heavy parts are injected: the store (the cluster's store actor, or a
+local store in tests), the embedder and OCR (Serve handles, or local objects in tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Protocol
+
+import numpy as np
+
+from ray_app.documents.chunk import TokenChunker
+from ray_app.documents.config import OCRConfig, Sensitivity
+from ray_app.documents.parse import DocumentParser, Element, ParsedDocument, RefusedFile
+from ray_app.documents.pipeline import ingest_fingerprint
+from ray_app.documents.processing import DocMeta, build_records
+from ray_app.documents.report import FileOutcome
+from ray_app.documents.retrieval import Passage, RetrievalOptions, Retriever, rag_messages
+from ray_app.documents.sources import DOC_NAMESPACE, content_hash
+from ray_app.documents.sparse import SparseEncoder
+from ray_app.documents.store import SearchHit, VectorStore
+from ray_app.embedder import Embeddings
+
+
+class AsyncStore(Protocol):
+    async def collection_names(self) -> list[str]: ...
+    async def collection(self, name: str) -> Any: ...
+    async def document(self, name: str, doc_id: str) -> dict | None: ...
+    async def replace_document(self, name: str, doc_id: str, records: list) -> None: ...
+    async def delete_document(self, name: str, doc_id: str) -> int: ...
+    async def search(self, name: str, **kwargs) -> list[SearchHit]: ...
+
+
+class ActorStore:
+    """The cluster's ``VectorStoreActor`` behind async methods."""
+
+    def __init__(self, actor):
+        self._actor = actor
+
+    def __getattr__(self, method: str):
+        remote = getattr(self._actor, method)
+
+        async def call(*args, **kwargs):
+            return await remote.remote(*args, **kwargs)
+
+        return call
+
+
+class LocalStore:
+    """A ``VectorStore`` in this process behind async methods (tests, single-process tools)."""
+
+    def __init__(self, store: VectorStore):
+        self._store = store
+
+    def __getattr__(self, method: str):
+        function = getattr(self._store, method)
+
+        async def call(*args, **kwargs):
+            return await asyncio.to_thread(function, *args, **kwargs)
+
+        return call
+
+
+EmbedTexts = Callable[[list[str]], Awaitable[Embeddings]]
+OCRElements = Callable[[ParsedDocument, bytes], Awaitable[list[Element]]]
+
+
+@dataclass
+class UploadSettings:
+    embedder_source: str
+    max_tokens: int
+    overlap: int
+    ocr: OCRConfig
+    max_bytes: int
+    default_sensitivity: Sensitivity
+
+
+class KnowledgeBase:
+    def __init__(self, store: AsyncStore, embed: EmbedTexts, tokenizer, upload: UploadSettings,
+                 ocr: OCRElements | None = None, reranker=None, max_context_chars: int = 4000, top_k: int = 5):
+        self.store = store
+        self.embed = embed
+        self.ocr = ocr
+        self.upload = upload
+        self.max_context_chars = max_context_chars
+        self.top_k = top_k
+        self.parser = DocumentParser(upload.ocr)
+        self.chunker = TokenChunker(tokenizer, upload.max_tokens, upload.overlap)
+        self.sparse = SparseEncoder()
+        self.fingerprint = ingest_fingerprint(upload.embedder_source, upload.max_tokens, upload.overlap, upload.ocr)
+        self.retriever = Retriever(self.store.search, self._embed_query, self.sparse, reranker)
+
+    async def _embed_query(self, query: str) -> list[float]:
+        return (await self.embed([query])).vectors[0].tolist()
+
+    async def retrieve(self, query: str, options: RetrievalOptions) -> list[Passage]:
+        await self._check_collection(options.collection)
+        return await self.retriever.retrieve(query, options)
+
+    async def augment(self, messages: list[dict], options: RetrievalOptions) -> tuple[list[dict], list[dict], list[Passage]]:
+        """(messages with the sources, citations, cited passages) for a chat that asks for retrieval."""
+        query = last_user_text(messages)
+        if not query:
+            raise ValueError("retrieval needs a user message to search for")
+        passages = await self.retrieve(query, options)
+        augmented, cited = rag_messages(messages, passages, self.max_context_chars)
+        return augmented, [p.citation() for p in cited], cited
+
+    async def _check_collection(self, name: str) -> None:
+        await self.store.collection(name)  # raises CollectionNotFound (listing the known ones)
+
+    async def collections(self) -> list[dict[str, Any]]:
+        infos = [await self.store.collection(name) for name in await self.store.collection_names()]
+        return [{"name": i.name, "documents": i.documents, "points": i.points, "dimensions": i.dimensions,
+                 "embedder": i.embedder} for i in infos]
+
+    async def delete_document(self, collection: str, doc_id: str) -> int:
+        await self._check_collection(collection)
+        return await self.store.delete_document(collection, doc_id)
+
+    async def ingest_file(self, collection: str, filename: str, data: bytes,
+                          sensitivity: Sensitivity | None = None) -> FileOutcome:
+        """One uploaded file through parse -> OCR -> chunk -> embed -> write. Raises ``RefusedFile``."""
+        import uuid
+
+        await self._check_collection(collection)
+        source = f"upload://{collection}/{filename}"
+        doc_id = str(uuid.uuid5(DOC_NAMESPACE, source))
+        sensitivity = sensitivity or self.upload.default_sensitivity
+        outcome = FileOutcome(source=source, path=filename, status="indexed", doc_id=doc_id, sensitivity=sensitivity)
+        if len(data) > self.upload.max_bytes:
+            raise RefusedFile("too_large", f"{len(data)} bytes is over the limit of {self.upload.max_bytes} bytes")
+        doc_hash = content_hash(data, self.fingerprint)
+        existing = await self.store.document(collection, doc_id)
+        if existing is not None and existing.get("doc_hash") == doc_hash:
+            outcome.status, outcome.chunks = "unchanged", existing.get("chunk_count", 0)
+            return outcome
+        parsed = await asyncio.to_thread(self.parser.parse, filename, data)
+        if parsed.ocr_pages:
+            if self.ocr is None:
+                raise RefusedFile("ocr_error", "this file needs OCR and OCR is not configured (`ocr:` in the Serve config)")
+            parsed.elements = await self.ocr(parsed, data)
+        chunks = await asyncio.to_thread(self.chunker.chunk, parsed.elements)
+        if not chunks:
+            raise RefusedFile("no_text", "no text to index")
+        embedded = await self.embed([c.text for c in chunks])
+        meta = DocMeta(doc_id=doc_id, source=source, path=filename, sensitivity=sensitivity, doc_hash=doc_hash,
+                       format=parsed.format, title=parsed.title, page_count=parsed.page_count,
+                       ocr_pages=len(parsed.ocr_pages))
+        records = build_records(meta, chunks, np.asarray(embedded.vectors), [self.sparse.document(c.text) for c in chunks])
+        await self.store.replace_document(collection, doc_id, records)
+        outcome.chunks, outcome.pages, outcome.ocr_pages = len(chunks), parsed.page_count, len(parsed.ocr_pages)
+        return outcome
+
+
+def last_user_text(messages: list[dict]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            return " ".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
+    return ""

@@ -1,0 +1,48 @@
+"""The ``OCR`` deployment: a thin Serve wrapper over ``TesseractOCR`` (the ingestion pipeline's class)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ray import serve
+
+from ray_app.documents.ocr import TesseractOCR
+from ray_app.documents.parse import Element, ParsedDocument, RefusedFile, file_format
+from ray_app.documents.processing import ocr_elements
+from ray_app.serve.config import OCRServeConfig
+
+
+class OCRServer:
+    def __init__(self, config: OCRServeConfig):
+        self.ocr = TesseractOCR(config.ocr)
+        # Tesseract runs as a subprocess per page: bound how many run at once on this replica.
+        self._slots = asyncio.Semaphore(config.concurrency)
+
+    async def recognize(self, filename: str, data: bytes) -> list[dict]:
+        """Every page of an image or PDF: text, per-line boxes and confidence."""
+        fmt = file_format(filename)
+        if fmt not in ("pdf", "image"):
+            raise RefusedFile("unsupported_type", f"OCR takes an image or a PDF, not {fmt!r}")
+        async with self._slots:
+            try:
+                pages = await asyncio.to_thread(self.ocr.pdf if fmt == "pdf" else self._image, data)
+            except Exception as e:
+                raise RefusedFile("corrupt", f"cannot read the {fmt}: {type(e).__name__}: {e}") from None
+        return [p.to_dict() for p in pages]
+
+    def _image(self, data: bytes):
+        import io
+
+        from PIL import Image, ImageSequence
+
+        frames = ImageSequence.Iterator(Image.open(io.BytesIO(data)))
+        return [self.ocr.image(frame.copy(), page=n) for n, frame in enumerate(frames, start=1)]
+
+    async def elements(self, parsed: ParsedDocument, data: bytes) -> list[Element]:
+        """The OCR step of an upload: the parsed document's elements plus the OCR'd pages."""
+        async with self._slots:
+            return await asyncio.to_thread(ocr_elements, parsed, data, self.ocr)
+
+
+def build_ocr_deployment(config: OCRServeConfig):
+    return serve.deployment(OCRServer).options(name="OCR", **config.replicas.serve_options()).bind(config)

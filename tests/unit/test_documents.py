@@ -1,0 +1,240 @@
+"""The document classes on real engines, without Ray: parsing every format, Tesseract OCR, token
+chunking, both vector stores (Qdrant Edge and qdrant-client's local mode), and the knowledge base
+(uploads, retrieval, RAG prompts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ray_app.documents.chunk import TokenChunker
+from ray_app.documents.config import ChunkingConfig, IngestConfig, OCRConfig, StoreConfig
+from ray_app.documents.knowledge import KnowledgeBase, LocalStore, UploadSettings
+from ray_app.documents.ocr import TesseractOCR
+from ray_app.documents.parse import DocumentParser, Element, RefusedFile, table_rows
+from ray_app.documents.processing import ocr_elements
+from ray_app.documents.retrieval import RetrievalFilter, RetrievalOptions, rag_messages
+from ray_app.documents.sources import list_files, sensitivity_for
+from ray_app.documents.store import (CollectionNotFound, EdgeVectorStore, PointRecord, QdrantClientVectorStore,
+                                     SearchFilter, StoreError, point_id)
+from tests.corpus import FACTS, broken_files, good_files, make_corpus, text_image
+
+
+@pytest.fixture(scope="module")
+def embedder(data_dir):
+    from ray_app.embedder import SentenceEmbedder
+
+    return SentenceEmbedder(str(data_dir.model("all-minilm-l6-v2")), num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def ocr():
+    return TesseractOCR(OCRConfig())
+
+
+def parse_all(name: str, data: bytes, ocr: TesseractOCR) -> list[Element]:
+    parsed = DocumentParser().parse(name, data)
+    return ocr_elements(parsed, data, ocr)
+
+
+@pytest.mark.parametrize("fact", FACTS, ids=lambda f: f.file)
+def test_every_format_yields_its_text(fact, ocr):
+    elements = parse_all(fact.file, good_files()[fact.file], ocr)
+    matching = [e for e in elements if fact.answer in " ".join(e.text.split())]
+    assert matching, [e.text for e in elements]
+    if fact.page is not None:
+        assert matching[0].page == fact.page
+
+
+def test_element_types_pages_and_tables(ocr):
+    pdf = DocumentParser().parse("handbook.pdf", good_files()["handbook.pdf"])
+    assert (pdf.format, pdf.page_count, pdf.title, pdf.ocr_pages) == ("pdf", 2, "Employee handbook", [])
+    assert {e.page for e in pdf.elements} == {1, 2}
+    scanned = DocumentParser().parse("scanned_memo.pdf", good_files()["scanned_memo.pdf"])
+    assert scanned.ocr_pages == [1] and scanned.elements == []  # no text layer: OCR's job
+    docx = DocumentParser().parse("offices.docx", good_files()["offices.docx"])
+    [table] = [e for e in docx.elements if e.type == "Table"]
+    assert table.text.splitlines() == ["Name | Office", "Dana | Lisbon", "Omar | Nairobi", "Li | Toronto"]
+    assert docx.title == "Office directory"
+    md = DocumentParser().parse("onboarding.md", good_files()["onboarding.md"])
+    assert [e.type for e in md.elements][:3] == ["Title", "UncategorizedText", "Title"]
+    assert "ListItem" in {e.type for e in md.elements}
+    html = DocumentParser().parse("refunds.html", good_files()["refunds.html"])
+    assert html.title == "Refund policy"
+
+
+def test_table_rows_keep_every_cell():
+    html = "<table><tr><th>A</th><th>B</th></tr><tr><td>1</td><td> two  words </td></tr></table>"
+    assert table_rows(html) == "A | B\n1 | two words"
+
+
+@pytest.mark.parametrize("name", sorted(broken_files()))
+def test_broken_files_are_refused_with_their_reason(name, ocr):
+    data, code = broken_files()[name]
+    with pytest.raises(RefusedFile) as exc:
+        parse_all(name, data, ocr)
+    assert exc.value.code == code
+    assert exc.value.message
+
+
+def test_ocr_lines_have_boxes_and_confidence(ocr):
+    page = ocr.image(text_image(["The refund window is 45 days.", "Call 555 0100 for help."], size=(1400, 500)))
+    assert [line.text for line in page.lines] == ["The refund window is 45 days.", "Call 555 0100 for help."]
+    first, second = page.lines
+    assert first.box[1] < second.box[1] and first.box[0] < first.box[2] <= page.width
+    assert all(line.confidence > 80 for line in page.lines)
+
+
+def test_chunks_fit_the_embedder_and_overlap(embedder):
+    size, overlap = ChunkingConfig().resolve(embedder.max_tokens, embedder.tokenizer.num_special_tokens_to_add())
+    assert (size, overlap) == (254, 63)  # all-MiniLM-L6-v2 reads 256 tokens: 2 are [CLS]/[SEP]
+    elements = [Element(f"Paragraph {p}: " + "the quick brown fox jumps over the lazy dog " * 30, "PageText", p)
+                for p in range(1, 5)]
+    chunks = TokenChunker(embedder.tokenizer, size, overlap).chunk(elements)
+    assert len(chunks) > 4
+    text = "\n\n".join(e.text for e in elements)
+    for a, b in zip(chunks, chunks[1:]):
+        if a.page == b.page:
+            assert a.char_end - b.char_start > 100  # neighbours on a page overlap by ~a quarter
+    for chunk in chunks:
+        assert text[chunk.char_start:chunk.char_end] == chunk.text
+        assert embedder.count_tokens([chunk.text])[0] <= embedder.max_tokens  # nothing truncated by the model
+        assert chunk.page == chunk.page_end  # never across a page break: a citation names one page
+        assert chunk.text.startswith(f"Paragraph {chunk.page}") or not chunk.text.startswith("Paragraph")
+    assert [c.page for c in chunks] == sorted(c.page for c in chunks)
+    assert {c.page for c in chunks} == {1, 2, 3, 4}
+    with pytest.raises(ValueError, match="exceeds what the embedder reads"):
+        ChunkingConfig(max_tokens=512).resolve(256, 2)
+
+
+def test_sensitivity_rules_and_listing(tmp_path):
+    config = IngestConfig.load("configs/ingest.yaml")
+    assert sensitivity_for("hr/salaries.pdf", config, None) == "confidential"
+    assert sensitivity_for("public/faq.md", config, "internal") == "public"  # a folder rule beats the label
+    assert sensitivity_for("misc/notes.txt", config, "confidential") == "confidential"
+    assert sensitivity_for("misc/notes.txt", config, None) == "internal"
+    (tmp_path / "hr").mkdir()
+    (tmp_path / "hr" / "pay.txt").write_text("x")
+    (tmp_path / ".hidden").write_text("x")
+    tasks = list_files(str(tmp_path), config)
+    assert [(t.rel_path, t.sensitivity) for t in tasks] == [("hr/pay.txt", "confidential")]
+    assert tasks[0].uri.startswith("file:///") and len(tasks[0].doc_id) == 36
+
+
+def _records(embedder, doc: str, texts: list[str], sensitivity="internal"):
+    from ray_app.documents.sparse import SparseEncoder
+
+    sparse = SparseEncoder()
+    vectors = embedder.encode(texts)
+    return [PointRecord(point_id(doc, i, t), v.tolist(), *sparse.document(t),
+                        {"doc_id": doc, "chunk_index": i, "chunk_count": len(texts), "doc_hash": f"h-{doc}",
+                         "source": f"file:///{doc}.txt", "sensitivity": sensitivity, "text": t})
+            for i, (t, v) in enumerate(zip(texts, vectors))]
+
+
+@pytest.fixture(params=["edge", "qdrant-local"])
+def store(request, tmp_path):
+    if request.param == "edge":
+        s = EdgeVectorStore(tmp_path / "collections")
+    else:
+        s = QdrantClientVectorStore(path=str(tmp_path / "qdrant"))
+    yield s
+    s.close()
+
+
+def test_store_replace_search_filter_delete(store, embedder):
+    from ray_app.documents.sparse import SparseEncoder
+
+    store.ensure_collection("kb", embedder.dimensions, "all-minilm-l6-v2")
+    store.replace_document("kb", "vac", _records(embedder, "vac", ["Employees receive 27 days of paid vacation.",
+                                                                   "Unused vacation days carry over."]))
+    store.replace_document("kb", "park", _records(embedder, "park", ["The garage access code is 4417."],
+                                                  sensitivity="confidential"))
+    info = store.collection("kb")
+    assert (info.points, info.documents, info.dimensions) == (3, 2, 384)
+    docs = store.documents("kb")
+    assert set(docs) == {"vac", "park"} and docs["vac"]["chunk_count"] == 2 and "text" not in docs["vac"]
+
+    query = "how many vacation days"
+    dense, sparse = embedder.encode([query])[0].tolist(), SparseEncoder().query(query)
+    for mode in ("hybrid", "dense", "sparse"):
+        hits = store.search("kb", dense=dense, sparse=sparse, mode=mode, limit=3, prefetch_limit=10)
+        assert hits[0].payload["doc_id"] == "vac", mode
+    only_confidential = store.search("kb", dense=dense, sparse=sparse, mode="hybrid", limit=3, prefetch_limit=10,
+                                     filter=SearchFilter(sensitivities=["confidential"]))
+    assert {h.payload["doc_id"] for h in only_confidential} == {"park"}
+
+    # replacing a document drops its old chunks
+    store.replace_document("kb", "vac", _records(embedder, "vac", ["Vacation is now 30 days."]))
+    assert store.collection("kb").points == 2
+    assert store.documents("kb")["vac"]["chunk_count"] == 1
+    assert store.delete_document("kb", "vac") == 1 and store.delete_document("kb", "vac") == 0
+    with pytest.raises(StoreError, match="cannot add"):
+        store.ensure_collection("kb", 8, "other")
+    with pytest.raises(CollectionNotFound, match="kb"):
+        store.collection("missing")
+
+
+def test_an_edge_collection_has_one_writer(tmp_path, embedder):
+    first = EdgeVectorStore(tmp_path)
+    first.ensure_collection("kb", embedder.dimensions, "e")
+    second = EdgeVectorStore(tmp_path)
+    with pytest.raises(StoreError, match="open in another process"):
+        second.collection("kb")
+    first.close()
+    assert second.collection("kb").points == 0  # free once the first closed it
+    second.close()
+
+
+@pytest.fixture
+async def knowledge(tmp_path, embedder, ocr):
+    store = EdgeVectorStore(tmp_path / "collections")
+    store.ensure_collection("kb", embedder.dimensions, "all-minilm-l6-v2")
+
+    async def embed(texts):
+        return embedder.embed(texts)
+
+    async def ocr_fn(parsed, data):
+        return ocr_elements(parsed, data, ocr)
+
+    size, overlap = ChunkingConfig().resolve(embedder.max_tokens, 2)
+    kb = KnowledgeBase(LocalStore(store), embed, embedder.tokenizer, ocr=ocr_fn,
+                       upload=UploadSettings("all-minilm-l6-v2", size, overlap, OCRConfig(), 10_000_000, "internal"))
+    yield kb
+    store.close()
+
+
+async def test_uploads_index_once_and_answer_known_questions(knowledge, tmp_path):
+    make_corpus(tmp_path / "corpus", with_broken=False)
+    for fact in FACTS:
+        outcome = await knowledge.ingest_file("kb", fact.file, (tmp_path / "corpus" / fact.file).read_bytes())
+        assert outcome.status == "indexed" and outcome.chunks >= 1, outcome
+    again = await knowledge.ingest_file("kb", "handbook.pdf", (tmp_path / "corpus" / "handbook.pdf").read_bytes())
+    assert again.status == "unchanged"
+    for fact in FACTS:
+        passages = await knowledge.retrieve(fact.question, RetrievalOptions(collection="kb", top_k=3))
+        assert passages[0].path == fact.file, (fact.question, [p.path for p in passages])
+        assert fact.answer in " ".join(passages[0].text.split())
+        if fact.page:
+            assert passages[0].page == fact.page
+    with pytest.raises(RefusedFile) as exc:
+        await knowledge.ingest_file("kb", "locked.pdf", broken_files()["locked.pdf"][0])
+    assert exc.value.code == "encrypted"
+
+
+async def test_rag_messages_cite_what_they_use(knowledge, tmp_path):
+    make_corpus(tmp_path / "corpus", with_broken=False)
+    await knowledge.ingest_file("kb", "refunds.html", (tmp_path / "corpus" / "refunds.html").read_bytes())
+    await knowledge.ingest_file("kb", "cafeteria.txt", (tmp_path / "corpus" / "cafeteria.txt").read_bytes())
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How long is the refund window?"}]
+    augmented, citations, passages = await knowledge.augment(
+        messages, RetrievalOptions(collection="kb", top_k=2, filter=RetrievalFilter(sensitivity=["internal"])))
+    assert augmented[0]["role"] == "system" and augmented[0]["content"].startswith("Be brief.")
+    assert "[1] Refund policy" in augmented[0]["content"] and augmented[-1] == messages[-1]
+    assert citations[0]["index"] == 1 and citations[0]["title"] == "Refund policy"
+    assert "refund window is 45 days" in citations[0]["snippet"]
+    # a context budget keeps only what fits, and only that is cited
+    _, cited = rag_messages(messages, passages, max_context_chars=120)
+    assert len(cited) == 1
