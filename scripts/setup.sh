@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS:-cpu,test}
-APT_PACKAGES=()
+APT_PACKAGES=(tesseract-ocr tesseract-ocr-eng)
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
