@@ -45,6 +45,8 @@ class OCRConfig(_Strict):
     """Tesseract (Debian's tesseract-ocr), used for images and for PDF pages without a text layer."""
 
     languages: str = Field("eng", description="Tesseract language packs, e.g. 'eng' or 'eng+deu'.")
+    psm: int = Field(3, ge=0, le=13, description="Tesseract page segmentation mode: 3 = automatic page layout; "
+                                                 "11 = sparse text, no layout (forms, receipts).")
     dpi: PositiveInt = Field(200, description="Resolution PDF pages are rendered at before OCR.")
     min_text_chars: int = Field(
         16, ge=0, description="A PDF page whose text layer has fewer characters than this is OCR'd.")

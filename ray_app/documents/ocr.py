@@ -25,10 +25,18 @@ class OCRError(RuntimeError):
 
 
 @dataclass
-class OCRLine:
+class OCRWord:
     text: str
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels of the OCR'd image
+    confidence: float  # 0-100
+
+
+@dataclass
+class OCRLine:
+    text: str
+    box: tuple[int, int, int, int]
     confidence: float  # mean word confidence, 0-100
+    words: list[OCRWord] = field(default_factory=list)
 
 
 @dataclass
@@ -85,7 +93,7 @@ class TesseractOCR:
         if isinstance(image, bytes):
             image = Image.open(io.BytesIO(image))
         image = image.convert("L")
-        cmd = [self.binary, "stdin", "stdout", "-l", self.config.languages, "--psm", "3"]
+        cmd = [self.binary, "stdin", "stdout", "-l", self.config.languages, "--psm", str(self.config.psm)]
         cmd += ["--dpi", str(dpi)] if dpi else []
         cmd += ["tsv"]
         proc = subprocess.run(cmd, input=to_png(image), capture_output=True, env=self._env, timeout=300)
@@ -99,7 +107,7 @@ class TesseractOCR:
         return [self.image(image, page=n, dpi=dpi) for n, image in render_pdf_pages(data, dpi)]
 
     def _lines(self, tsv: str) -> list[OCRLine]:
-        lines: dict[tuple[int, int, int], list[dict]] = {}
+        lines: dict[tuple[int, int, int], list[OCRWord]] = {}
         for row in csv.DictReader(io.StringIO(tsv), delimiter="\t", quoting=csv.QUOTE_NONE):
             text = (row.get("text") or "").strip()
             if row.get("level") != "5" or not text:
@@ -108,17 +116,16 @@ class TesseractOCR:
             if confidence < self.config.min_confidence:
                 continue
             key = (int(row["block_num"]), int(row["par_num"]), int(row["line_num"]))
-            lines.setdefault(key, []).append({
-                "text": text, "conf": confidence,
-                "box": (int(row["left"]), int(row["top"]),
-                        int(row["left"]) + int(row["width"]), int(row["top"]) + int(row["height"])),
-            })
+            left, top = int(row["left"]), int(row["top"])
+            lines.setdefault(key, []).append(OCRWord(
+                text, (left, top, left + int(row["width"]), top + int(row["height"])), confidence))
         out = []
         for words in lines.values():
-            boxes = [w["box"] for w in words]
+            boxes = [w.box for w in words]
             out.append(OCRLine(
-                text=" ".join(w["text"] for w in words),
+                text=" ".join(w.text for w in words),
                 box=(min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)),
-                confidence=round(sum(w["conf"] for w in words) / len(words), 2),
+                confidence=round(sum(w.confidence for w in words) / len(words), 2),
+                words=words,
             ))
         return out

@@ -228,6 +228,20 @@ def _outcome(doc: dict, status: str, chunks: int = 0) -> FileOutcome:
                        sensitivity=doc.get("sensitivity"))
 
 
+def init_ray(address: str | None) -> None:
+    """Connect to ``address``, or start a local Ray for this run, unless Ray is already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Logical CPUs above the core count let the stages overlap (parsing waits on I/O, OCR on a
+    # subprocess); the OS shares the cores.
+    ray.init(address=address, num_cpus=None if address else max(4, os.cpu_count() or 1),
+             include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+
+
 def run_ingest(source: str, collection: str, config: IngestConfig, sensitivity: Sensitivity | None = None,
                address: str | None = None, progress: bool = True) -> IngestReport:
     """Ingest a folder, file or s3:// prefix into ``collection``; returns the per-file report."""
@@ -241,13 +255,7 @@ def run_ingest(source: str, collection: str, config: IngestConfig, sensitivity: 
     paths = config.paths
     embedder_path = resolve_source(config.embedder, paths)
     tasks = list_files(source, config, sensitivity)
-    if not ray.is_initialized():
-        # Logical CPUs above the core count let the stages overlap (parsing waits on I/O, OCR on a
-        # subprocess); the OS shares the cores.
-        ray.init(address=address, num_cpus=None if address else max(4, os.cpu_count() or 1),
-                 include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+    init_ray(address)
     from ray.data import DataContext
 
     context = DataContext.get_current()

@@ -36,7 +36,7 @@ def test_models_and_health(served, client):
     assert client.models.retrieve(TINY).id == TINY
     health = httpx.get(served.base_url + "/health").json()
     assert health["status"] == "ok"
-    assert set(health["deployments"]) == {"Gateway", f"LLM:{SMOL}", f"LLM:{TINY}", f"Embedder:{EMBED}"}
+    assert set(health["deployments"]) == {"Gateway", f"LLM:{SMOL}", f"LLM:{TINY}", f"Embedder:{EMBED}", "OCR", "Knowledge"}
     assert set(health["deployments"].values()) == {"HEALTHY"}
 
 
