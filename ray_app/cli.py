@@ -17,6 +17,9 @@ collection_app = typer.Typer(help="Inspect and edit document collections.", no_a
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 app.add_typer(collection_app, name="collection")
+adapters_app = typer.Typer(help="Trained adapters in the MLflow Model Registry: list, promote, roll back.",
+                           no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
 
 console = Console(stderr=True)
 
@@ -189,9 +192,9 @@ def collection_delete_doc(
     config: IngestConfigOption = None, address: AddressOption = None, data_dir: DataDirOption = None,
 ) -> None:
     """Remove a document (all its chunks) from a collection."""
-    from ray_app.documents.sources import DOC_NAMESPACE
-
     import uuid
+
+    from ray_app.documents.sources import DOC_NAMESPACE
 
     store = _store(config, data_dir, address)
     doc_id = document
@@ -215,6 +218,84 @@ def collection_drop(collection: str, yes: Annotated[bool, typer.Option("--yes", 
         typer.confirm(f"Delete collection {collection!r} and all its documents?", abort=True)
     _store(config, data_dir, address).drop_collection(collection)
     console.print(f"[green]dropped[/] {collection}")
+
+
+RegistryOption = Annotated[
+    Optional[str],
+    typer.Option("--registry", help="MLflow registry URI (default: sqlite under the data directory)."),
+]
+
+
+def _registry(registry: str | None, data_dir: Path | None):
+    from ray_app.paths import DataDir
+    from ray_app.training.registry import AdapterRegistry
+
+    return AdapterRegistry(registry or DataDir.from_path(data_dir).mlflow_uri)
+
+
+@adapters_app.command("list")
+def adapters_list(name: Annotated[Optional[str], typer.Argument(help="An adapter line: show its versions.")] = None,
+                  registry: RegistryOption = None, data_dir: DataDirOption = None) -> None:
+    """Adapter lines with their champion, or one line's versions with tags and aliases."""
+    reg = _registry(registry, data_dir)
+    if name is None:
+        table = Table("adapter", "base", "champion", "parity", "request as")
+        for v in reg.champions():
+            table.add_row(v.name, v.base_model or "", str(v.version), v.tags.get("parity", ""), f"{v.base_model}:{v.name}")
+    else:
+        table = Table("version", "aliases", "parity", "adapter task score", "base task score", "dataset")
+        for v in reg.versions(name):
+            table.add_row(str(v.version), ",".join(v.aliases), v.tags.get("parity", ""),
+                          v.tags.get("adapter_task_score", ""), v.tags.get("base_task_score", ""),
+                          v.tags.get("dataset_sha256", "")[:12])
+    Console().print(table)
+
+
+@adapters_app.command("promote")
+def adapters_promote(
+    name: str, version: int,
+    alias: Annotated[str, typer.Option("--alias", help="champion (what clients get) or challenger.")] = "champion",
+    endpoint: Annotated[Optional[str], typer.Option(
+        "--endpoint", help="Also check parity against a running server, e.g. http://127.0.0.1:8000/v1.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the parity check did not pass.")] = False,
+    registry: RegistryOption = None, data_dir: DataDirOption = None,
+) -> None:
+    """Point an alias (default champion) at a version: served at once, no restart."""
+    from ray_app.training.registry import PromotionRefused
+
+    reg = _registry(registry, data_dir)
+    target = reg.get(name, str(version))
+    if endpoint:
+        from ray_app.training.evaluate import endpoint_tokens, parity_check
+        from ray_app.training.finetune import load_tokenizer
+
+        folder = reg.download(target, Path(__import__("tempfile").mkdtemp(prefix="adapter-")))
+        golden = ["What is Ray?", "Summarise: the meeting moved to Tuesday."]
+        result = parity_check(load_tokenizer(str(folder)), endpoint_tokens(endpoint, f"{target.base_model}:{target.ref}"),
+                              golden)
+        console.print(result.summary())
+        if not result.passed and not force:
+            raise typer.Exit(1)
+    try:
+        promoted = reg.promote(name, version, alias=alias, force=force)
+    except PromotionRefused as e:
+        console.print(f"[red]refused:[/] {e}")
+        raise typer.Exit(1)
+    console.print(f"[green]{name}@{alias}[/] -> version {promoted.version}: "
+                  f"`model=\"{promoted.base_model}:{name}\"` answers with it")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(name: str, registry: RegistryOption = None, data_dir: DataDirOption = None) -> None:
+    """Move champion back to the version it pointed to before the last promotion."""
+    from ray_app.training.registry import PromotionRefused
+
+    try:
+        version = _registry(registry, data_dir).rollback(name)
+    except PromotionRefused as e:
+        console.print(f"[red]refused:[/] {e}")
+        raise typer.Exit(1)
+    console.print(f"[green]{name}@champion[/] -> version {version.version}")
 
 
 def main() -> None:

@@ -34,5 +34,12 @@ class DataDir:
     def downloads(self) -> Path:
         return self.root / "downloads"
 
+    @property
+    def mlflow_uri(self) -> str:
+        """The default MLflow tracking and registry store: sqlite in the data directory."""
+        folder = self.root / "mlflow"
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{folder / 'mlflow.db'}"
+
     def model(self, name: str) -> Path:
         return self.models / name

@@ -82,6 +82,7 @@ TINY_LLAMA = CatalogModel(
     description="A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer and chat template, for fast tests",
     licence="Apache-2.0",
     depends_on=SMOLLM2.name,
+    recipe_version=2,  # v2: initializer_range 0.25, so a LoRA adapter can change what it says
 )
 
 CATALOG: dict[str, CatalogModel] = {m.name: m for m in (SMOLLM2, MINILM, TINY_LLAMA)}

@@ -14,14 +14,14 @@ from typing import Any
 
 from ray import serve
 
+from ray_app.documents.config import OCRConfig
 from ray_app.models.resolve import ModelSourceError, resolve_source
 from ray_app.serve.config import AppConfig, ConfigError, LLMConfigModel
-from ray_app.documents.config import OCRConfig
 from ray_app.serve.embedder import build_embedder_deployment
-from ray_app.serve.knowledge import build_knowledge_deployment
-from ray_app.serve.ocr import build_ocr_deployment
 from ray_app.serve.gateway import Gateway
+from ray_app.serve.knowledge import build_knowledge_deployment
 from ray_app.serve.llm import build_llm_app
+from ray_app.serve.ocr import build_ocr_deployment
 from ray_app.serve.protocol import ModelCard
 
 
@@ -84,7 +84,7 @@ def model_cards(config: AppConfig, sources: dict[str, str]) -> dict[str, ModelCa
 def build_app(args: dict[str, Any]) -> serve.Application:
     config = AppConfig.load(args)
     sources = resolve_sources(config)
-    llms = {m.name: build_llm_app(m, sources[m.name]) for m in config.llms}
+    llms = {m.name: build_llm_app(m, sources[m.name], str(config.paths.root)) for m in config.llms}
     embedders = {e.name: build_embedder_deployment(e, sources[e.name]) for e in config.embedders}
     ocr = build_ocr_deployment(config.ocr) if config.ocr is not None else None
     knowledge = None

@@ -10,7 +10,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 from ray.serve.config import AutoscalingConfig
 
 from ray_app.config_error import ConfigError
@@ -82,6 +90,17 @@ class GatewayConfig(_Strict):
     replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.25))
 
 
+class AdapterServeSettings(_Strict):
+    """LoRA adapters on one served base model, loaded at request time (no restart)."""
+
+    max_per_replica: PositiveInt = Field(4, description="Adapters kept loaded per replica (LRU); vLLM's max_loras.")
+    max_rank: PositiveInt = Field(16, description="Largest LoRA rank accepted (vLLM's max_lora_rank).")
+    registry_uri: str | None = Field(
+        None, description="MLflow registry with the adapter lines; default sqlite under the data directory.")
+    local: dict[str, str] = Field(default_factory=dict, description="Adapters by name -> local PEFT folder.")
+    refresh_s: float = Field(5.0, ge=0, description="How long a name -> version lookup is cached by the gateway.")
+
+
 class LLMConfigModel(_Strict):
     """One served LLM: a ``ray.serve.llm`` LLMServer deployment over vLLM."""
 
@@ -105,6 +124,8 @@ class LLMConfigModel(_Strict):
                     "is 50 ms). Batching saves per-chunk overhead at thousands of tokens/s; it adds up to this "
                     "much to time-to-first-token. 0 sends every chunk at once.",
     )
+    adapters: AdapterServeSettings | None = Field(
+        None, description="Serve LoRA adapters of this model (`model=\"<name>:<adapter>\"`); unset: none.")
     replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
 
     @model_validator(mode="after")

@@ -54,9 +54,10 @@ class ModelNotFoundError(APIError):
     type = "invalid_request_error"
     code = "model_not_found"
 
-    def __init__(self, model: str, known: list[str], param: str = "model"):
+    def __init__(self, model: str, known: list[str], param: str = "model", detail: str | None = None):
         super().__init__(
-            f"The model {model!r} does not exist. Known models: {', '.join(sorted(known)) or '(none)'}",
+            f"The model {model!r} does not exist"
+            + (f": {detail}" if detail else f". Known models: {', '.join(sorted(known)) or '(none)'}"),
             param=param,
         )
 

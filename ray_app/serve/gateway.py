@@ -15,6 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeStatus
 
 from ray_app.embedder import Embeddings
+from ray_app.serve.adapters import catalog_for
 from ray_app.serve.config import AppConfig
 from ray_app.serve.documents_api import DocumentsService
 from ray_app.serve.openai_api import LLMStream, OpenAIService
@@ -31,10 +32,14 @@ class HandleLLM:
     def chat(self, request: ChatCompletionRequest) -> LLMStream:
         # Pydantic leaves some message fields as unpicklable iterators; Ray's own ingress
         # materialises them the same way before crossing the handle.
-        return self._handle.chat.remote(_sanitize_chat_completion_request(request))
+        return self._for(request.model).chat.remote(_sanitize_chat_completion_request(request))
 
     def completions(self, request: CompletionRequest) -> LLMStream:
-        return self._handle.completions.remote(request)
+        return self._for(request.model).completions.remote(request)
+
+    def _for(self, model_id: str) -> DeploymentHandle:
+        # an adapter id is Serve's multiplexed model id: routed to a replica that has it loaded
+        return self._handle.options(multiplexed_model_id=model_id) if ":" in model_id else self._handle
 
 
 class HandleEmbedder:
@@ -121,6 +126,8 @@ class Gateway:
             unavailable=self._unavailable,
             documents=DocumentsService(knowledge=HandleKnowledge(knowledge) if knowledge else None,
                                        ocr_backend=HandleOCR(ocr) if ocr else None),
+            adapters={m.name: catalog_for(m.name, m.adapters, str(config.paths.root))
+                      for m in config.llms if m.adapters is not None},
         )
         self._route_limits = {}
         if config.ocr is not None:

@@ -11,13 +11,22 @@ from typing import Any
 
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
-from ray_app.serve.config import LLMConfigModel
+from ray_app.serve.config import AdapterServeSettings, LLMConfigModel
 
 DEPLOYMENT_PREFIX = "LLM:"
 
 
 class LLMDeployment(LLMServer):
-    """``LLMServer`` plus what the gateway's status and tests read from a replica."""
+    """``LLMServer`` plus adapters from our catalog and what the gateway's status and tests read."""
+
+    async def __init__(self, llm_config: LLMConfig, *, adapters: dict | None = None, data_dir: str | None = None,
+                       **kwargs):
+        if adapters is not None:
+            from ray_app.serve.adapters import adapter_loader_class, catalog_for
+
+            catalog = catalog_for(llm_config.model_id, AdapterServeSettings.model_validate(adapters), data_dir)
+            kwargs["model_downloader"] = adapter_loader_class(catalog)
+        await super().__init__(llm_config, **kwargs)
 
     async def num_unfinished_requests(self) -> int:
         # Requests the engine still holds (running or waiting): what an abort must bring back to 0.
@@ -27,6 +36,11 @@ class LLMDeployment(LLMServer):
 
 def to_llm_config(model: LLMConfigModel, model_path: str) -> LLMConfig:
     engine_kwargs: dict[str, Any] = dict(model.engine_kwargs)
+    lora_config = None
+    if model.adapters is not None:
+        engine_kwargs |= {"enable_lora": True, "max_loras": model.adapters.max_per_replica,
+                          "max_lora_rank": model.adapters.max_rank}
+        lora_config = {"max_num_adapters_per_replica": model.adapters.max_per_replica}
     if model.accelerator == "cpu":
         bundle: dict[str, float] = {"CPU": model.engine_cpus}
     else:
@@ -40,6 +54,7 @@ def to_llm_config(model: LLMConfigModel, model_path: str) -> LLMConfig:
         deployment_config=model.replicas.serve_options(),
         runtime_env={"env_vars": model.engine_env()},
         log_engine_metrics=True,
+        lora_config=lora_config,
         experimental_configs=(
             {} if model.stream_batching_interval_ms is None
             else {"stream_batching_interval_ms": model.stream_batching_interval_ms}
@@ -47,10 +62,12 @@ def to_llm_config(model: LLMConfigModel, model_path: str) -> LLMConfig:
     )
 
 
-def build_llm_app(model: LLMConfigModel, model_path: str):
+def build_llm_app(model: LLMConfigModel, model_path: str, data_dir: str):
     """The bound ``LLMDeployment`` for one configured model, named ``LLM:<name>`` in the dashboard."""
+    adapters = {"adapters": model.adapters.model_dump(), "data_dir": data_dir} if model.adapters else {}
     return build_llm_deployment(
         to_llm_config(model, model_path),
         name_prefix=DEPLOYMENT_PREFIX,
         deployment_cls=LLMDeployment,
+        bind_kwargs=adapters,
     )

@@ -64,6 +64,13 @@ class LLMBackend(Protocol):
     def completions(self, request: CompletionRequest) -> LLMStream: ...
 
 
+class AdapterCatalog(Protocol):
+    """LoRA adapters of one base model (``ray_app.serve.adapters.AdapterCatalog``)."""
+
+    async def aresolve(self, ref: str) -> Any: ...  # -> .model_id; raises AdapterNotFoundError / AdapterBaseMismatchError
+    def model_ids(self) -> list[str]: ...
+
+
 class EmbedderBackend(Protocol):
     async def embed(self, texts: list[str]) -> Embeddings: ...
 
@@ -97,6 +104,7 @@ class OpenAIService:
     # model -> why it cannot serve now (None when it can); fed by the gateway's status poll
     unavailable: Callable[[str], str | None] = lambda model: None
     documents: DocumentsService = field(default_factory=DocumentsService)
+    adapters: dict[str, AdapterCatalog] = field(default_factory=dict)  # base model -> its adapters
     _known: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -104,13 +112,47 @@ class OpenAIService:
 
     # -- models --------------------------------------------------------------------------------
 
-    def list_models(self) -> ModelList:
-        return ModelList(data=[self.cards[name] for name in self._known])
+    async def list_models(self) -> ModelList:
+        cards = [self.cards[name] for name in self._known]
+        for base, catalog in self.adapters.items():
+            cards += [ModelCard(id=model_id, kind="adapter", parent=base, root=model_id.split(":", 1)[1])
+                      for model_id in await asyncio.to_thread(catalog.model_ids)]
+        return ModelList(data=cards)
 
-    def get_model(self, model: str) -> ModelCard:
-        if model not in self.cards:
+    async def get_model(self, model: str) -> ModelCard:
+        if model in self.cards:
+            return self.cards[model]
+        if ":" in model:
+            _, model_id = await self._resolve_adapter(model)
+            base, pinned = model_id.split(":", 1)
+            return ModelCard(id=model, kind="adapter", parent=base, root=pinned)
+        raise ModelNotFoundError(model, self._known)
+
+    async def _resolve_adapter(self, model: str) -> tuple[str, str]:
+        """``<base>:<adapter ref>`` -> (base, pinned model id ``<base>:<name>@<version>``)."""
+        from ray_app.serve.adapters import AdapterBaseMismatchError, AdapterNotFoundError
+
+        base, ref = model.split(":", 1)
+        if base not in self.llms:
             raise ModelNotFoundError(model, self._known)
-        return self.cards[model]
+        catalog = self.adapters.get(base)
+        if catalog is None:
+            raise ModelNotFoundError(model, self._known, detail=f"{base!r} serves no adapters (`adapters:` in its config)")
+        try:
+            resolved = await catalog.aresolve(ref)
+        except AdapterNotFoundError as e:
+            raise ModelNotFoundError(model, self._known, detail=str(e)) from None
+        except AdapterBaseMismatchError as e:
+            raise InvalidRequestError(str(e), param="model") from None
+        return base, resolved.model_id
+
+    async def _resolve_llm(self, model: str | None, kind: str) -> tuple[str, str]:
+        """(backend name, model id for the engine): the base itself, or a pinned adapter id on it."""
+        if model is not None and ":" in model and model not in self.cards:
+            base, model_id = await self._resolve_adapter(model)
+            return self._resolve(base, self.llms, kind, self.embedders, "/v1/embeddings"), model_id
+        name = self._resolve(model, self.llms, kind, self.embedders, "/v1/embeddings")
+        return name, name
 
     def _resolve(self, model: str | None, pool: dict, kind: str, other: dict, other_route: str) -> str:
         if model is None:
@@ -130,23 +172,23 @@ class OpenAIService:
     # -- chat and text completions -------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
-        name = self._resolve(request.model, self.llms, "chat", self.embedders, "/v1/embeddings")
+        name, model_id = await self._resolve_llm(request.model, "chat")
         rag = (request.model_extra or {}).pop("rag", None)
         if rag is None:
-            return await self._generate(name, request, "chat")
+            return await self._generate(name, model_id, request, "chat")
         # retrieval-augmented: numbered sources go into the prompt, citations come back with the answer
         request.messages, citations, _ = await self.documents.augment(list(request.messages), rag)
-        return await self._generate(name, request, "chat", extra={"citations": citations})
+        return await self._generate(name, model_id, request, "chat", extra={"citations": citations})
 
     async def completions(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
-        name = self._resolve(request.model, self.llms, "completion", self.embedders, "/v1/embeddings")
-        return await self._generate(name, request, "completions")
+        name, model_id = await self._resolve_llm(request.model, "completion")
+        return await self._generate(name, model_id, request, "completions")
 
-    async def _generate(self, name: str, request: Any, endpoint: str,
+    async def _generate(self, name: str, model_id: str, request: Any, endpoint: str,
                         extra: dict[str, Any] | None = None) -> dict | AsyncIterator[str]:
-        """Run ``request`` on model ``name``; ``extra`` fields are added to the response (its first
-        chunk when streaming)."""
-        request.model = name
+        """Run ``request`` on backend ``name`` as ``model_id`` (the base, or a pinned adapter on it);
+        ``extra`` fields are added to the response (its first chunk when streaming)."""
+        request.model = model_id
         started = time.perf_counter()
         client_wants_usage = bool(request.stream and request.stream_options and request.stream_options.include_usage)
         if request.stream:

@@ -56,11 +56,11 @@ def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[]
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
-        return service.list_models()
+        return await service.list_models()
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard)
     async def get_model(model: str) -> ModelCard:
-        return service.get_model(model)
+        return await service.get_model(model)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Response:

@@ -97,13 +97,22 @@ def ray_cluster(data_dir):
 
 
 @pytest.fixture(scope="session")
-def served(ray_cluster) -> Served:
+def mlflow_uri(tmp_path_factory) -> str:
+    """The session's MLflow tracking store and adapter registry (training writes, serving reads)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def served(ray_cluster, mlflow_uri) -> Served:
     from ray import serve
 
     from ray_app.serve.app import build_app
 
     args = copy.deepcopy(shipped_application()["args"])
-    args["llms"].append(copy.deepcopy(TINY))
+    # the tiny model serves LoRA adapters from the session's registry; short lookup cache so a
+    # promotion shows within the test
+    args["llms"].append(copy.deepcopy(TINY) | {"adapters": {"registry_uri": mlflow_uri, "max_per_replica": 2,
+                                                            "max_rank": 16, "refresh_s": 0.5}})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     base_url = f"http://127.0.0.1:{ray_cluster.http_port}"
     wait_for(base_url + "/health")

@@ -4,21 +4,25 @@ chunking, both vector stores (Qdrant Edge and qdrant-client's local mode), and t
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 
 from ray_app.documents.chunk import TokenChunker
-from ray_app.documents.config import ChunkingConfig, IngestConfig, OCRConfig, StoreConfig
+from ray_app.documents.config import ChunkingConfig, IngestConfig, OCRConfig
 from ray_app.documents.knowledge import KnowledgeBase, LocalStore, UploadSettings
 from ray_app.documents.ocr import TesseractOCR
 from ray_app.documents.parse import DocumentParser, Element, RefusedFile, table_rows
 from ray_app.documents.processing import ocr_elements
 from ray_app.documents.retrieval import RetrievalFilter, RetrievalOptions, rag_messages
 from ray_app.documents.sources import list_files, sensitivity_for
-from ray_app.documents.store import (CollectionNotFound, EdgeVectorStore, PointRecord, QdrantClientVectorStore,
-                                     SearchFilter, StoreError, point_id)
+from ray_app.documents.store import (
+    CollectionNotFound,
+    EdgeVectorStore,
+    PointRecord,
+    QdrantClientVectorStore,
+    SearchFilter,
+    StoreError,
+    point_id,
+)
 from tests.corpus import FACTS, broken_files, good_files, make_corpus, text_image
 
 

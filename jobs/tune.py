@@ -1,0 +1,35 @@
+"""Search LoRA hyperparameters (learning rate, rank, alpha, dropout) with Ray Tune and ASHA; every
+trial is tracked in MLflow and the best one is registered:
+
+    ray job submit --working-dir . -- python jobs/tune.py --config configs/train/tune_tiny.yaml
+"""
+
+import argparse
+import json
+import sys
+
+from finetune import parse_overrides
+
+from ray_app.config_error import ConfigError
+from ray_app.training.config import TuneConfig
+from ray_app.training.data import DatasetError
+from ray_app.training.search import run_search
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    args = parser.parse_args()
+    try:
+        result = run_search(TuneConfig.load(args.config, parse_overrides(args.set)))
+    except (ConfigError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"best_params": result.best_params, "best": result.best_metric, "run_id": result.best_run_id,
+                      "version": result.version, "trials": result.trials}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Training building blocks without Ray: data formats and label masking, metrics, the parity check,
+the MLflow registry on sqlite (promote / refuse / roll back) and adapter resolution for serving."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from ray_app.serve.adapters import AdapterBaseMismatchError, AdapterCatalog, AdapterNotFoundError
+from ray_app.serve.config import AdapterServeSettings
+from ray_app.training.config import TrainConfig
+from ray_app.training.data import (
+    IGNORE,
+    DatasetError,
+    pack,
+    prepare,
+    read_jsonl,
+    render_prompt,
+    tokenize_conversation,
+)
+from ray_app.training.evaluate import exact_match, parity_check, rouge_l
+from ray_app.training.registry import AdapterRegistry, PromotionRefused, ensure_experiment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_dir):
+    return AutoTokenizer.from_pretrained(data_dir.model("tiny-llama"))
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_both_formats_are_read_and_bad_lines_reported_with_their_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"instruction": "Translate", "input": "chat", "output": "cat"},
+        "{not json",
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        {"instruction": "", "output": "x"},
+        {"prompt": "legacy", "completion": "format"},
+        "",
+    ])
+    examples = read_jsonl(path)
+    assert len(examples.conversations) == 2
+    assert examples.conversations[1] == [{"role": "user", "content": "Translate\n\nchat"},
+                                         {"role": "assistant", "content": "cat"}]
+    assert [(p.line, p.reason.split(":")[0]) for p in examples.problems] == [
+        (3, "not JSON"), (4, "no assistant message to learn from"), (5, "messages[0]"),
+        (6, "`instruction` must be a non-empty string"), (7, "neither `messages` (chat format) nor `instruction`/`output` (instruction format)")]
+
+
+def test_empty_or_all_invalid_data_fails_before_training(tmp_path, tokenizer):
+    empty = write_jsonl(tmp_path / "empty.jsonl", [""])
+    with pytest.raises(DatasetError, match="empty"):
+        prepare(tokenizer, str(empty), None, 0.1, 128, False, 0)
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{", {"foo": 1}])
+    with pytest.raises(DatasetError, match=r"bad.jsonl:1: not JSON"):
+        prepare(tokenizer, str(bad), None, 0.1, 128, False, 0)
+
+
+def test_only_assistant_tokens_carry_labels(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"},
+                {"role": "assistant", "content": "Rome."}]
+    row = tokenize_conversation(tokenizer, messages, max_seq_len=512)
+    labelled = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE])
+    assert "Paris." in labelled and "Rome." in labelled
+    assert "France" not in labelled and "Be brief" not in labelled and "Italy" not in labelled
+    # the prompt a served model sees is exactly the training prefix of the first answer
+    prompt = render_prompt(tokenizer, messages[:2])
+    assert row["input_ids"][: len(prompt)] == prompt and all(label == IGNORE for label in row["labels"][: len(prompt)])
+
+
+def test_packing_fills_blocks_and_split_holds_out(tmp_path, tokenizer):
+    rows = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in (5, 7, 9)]
+    blocks = pack(rows, 8)
+    assert [len(b["input_ids"]) for b in blocks] == [8, 8, 5]
+    assert sum((b["input_ids"] for b in blocks), []) == list(range(5)) + list(range(7)) + list(range(9))
+    data = prepare(tokenizer, str(ROOT / "configs/train/data/support.jsonl"), None, 0.15, 128, False, 0)
+    assert len(data.validation) == 4 and len(data.train) == 20 and not data.problems
+    assert len(data.sha256) == 64
+
+
+def test_metrics():
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert rouge_l("the cat", "a dog") == 0.0
+    assert abs(rouge_l("the cat sat", "the cat sat on the mat") - 2 * 1 * 0.5 / 1.5) < 1e-9
+    assert exact_match(" Paris ", "paris") == 1.0 and exact_match("Paris.", "Paris") == 0.0
+
+
+def test_parity_check_catches_a_different_template(tokenizer, data_dir):
+    same = parity_check(tokenizer, lambda m: render_prompt(tokenizer, m), ["What is Ray?"])
+    assert same.passed
+    other = AutoTokenizer.from_pretrained(data_dir.model("tiny-llama"))
+    other.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    different = parity_check(tokenizer, lambda m: render_prompt(other, m), ["What is Ray?"])
+    assert not different.passed and different.mismatches[0]["position"] == 0
+    assert "FAILED" in different.summary()
+
+
+def test_train_configs_validate():
+    for path in sorted((ROOT / "configs/train").glob("*.yaml")):
+        cls = TrainConfig
+        if "distill" in path.name:
+            from ray_app.training.config import DistillConfig as cls
+        elif "tune" in path.name:
+            from ray_app.training.config import TuneConfig as cls
+        cls.load(path)
+    with pytest.raises(Exception, match="qlora with deepspeed"):
+        TrainConfig.load(ROOT / "configs/train/lora_tiny.yaml", {"method": "qlora", "deepspeed.stage": 2})
+
+
+@pytest.fixture
+def registry(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = ensure_experiment(uri, "t", tmp_path / "artifacts")
+    return AdapterRegistry(uri), experiment, tmp_path
+
+
+def _version(registry, experiment, folder: Path, base="tiny-llama", parity="passed"):
+    import mlflow
+
+    adapter = folder / "adapter"
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    client = mlflow.tracking.MlflowClient(registry.tracking_uri)
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(adapter), "adapter")
+    client.set_terminated(run.info.run_id)
+    return registry.register("support", run.info.run_id, f"{run.info.artifact_uri}/adapter",
+                             {"base_serve_name": base, "parity": parity})
+
+
+def test_registry_promote_refuse_and_rollback(registry):
+    reg, experiment, tmp = registry
+    v1 = _version(reg, experiment, tmp / "a")
+    v2 = _version(reg, experiment, tmp / "b")
+    bad = _version(reg, experiment, tmp / "c", parity="failed")
+    assert (v1.version, v2.version, bad.version) == (1, 2, 3)
+    reg.promote("support", 1)
+    reg.promote("support", 2)
+    assert reg.resolve("support").version == 2 and reg.resolve("support@champion").version == 2
+    with pytest.raises(PromotionRefused, match="parity"):
+        reg.promote("support", 3)
+    assert reg.resolve("support").version == 2
+    assert reg.rollback("support").version == 1 and reg.resolve("support").version == 1
+    with pytest.raises(PromotionRefused, match="no earlier champion"):
+        reg.rollback("support")
+    reg.promote("support", 2, alias="challenger")
+    assert reg.resolve("support@challenger").version == 2 and reg.resolve("support@1").version == 1
+    downloaded = reg.download(reg.resolve("support"), tmp / "dl")
+    assert (downloaded / "adapter_config.json").is_file()
+
+
+def test_adapter_catalog_resolves_pins_and_refuses(registry):
+    reg, experiment, tmp = registry
+    _version(reg, experiment, tmp / "a")
+    other = _version(reg, experiment, tmp / "b", base="smollm2-135m-instruct")
+    reg.promote("support", 1)
+    settings = AdapterServeSettings(refresh_s=0, local={"mine": str(tmp / "a" / "adapter")})
+    catalog = AdapterCatalog("tiny-llama", settings, reg.tracking_uri, tmp / "cache")
+    assert catalog.resolve("support").model_id == "tiny-llama:support@1"
+    assert catalog.resolve("mine").model_id == "tiny-llama:mine"
+    with pytest.raises(AdapterNotFoundError):
+        catalog.resolve("nope")
+    with pytest.raises(AdapterBaseMismatchError, match="smollm2-135m-instruct"):
+        catalog.resolve(f"support@{other.version}")
+    assert catalog.model_ids() == ["tiny-llama:mine", "tiny-llama:support"]
+    path = catalog.local_path("support@1")
+    assert (path / "adapter_config.json").is_file() and catalog.local_path("support@1") == path
+    # an alias move is seen once the cached lookup expires (refresh_s=0: at once)
+    reg.promote("support", other.version, force=True)
+    with pytest.raises(AdapterBaseMismatchError):
+        catalog.resolve("support")
