@@ -1,8 +1,9 @@
 """The data directory: prepared models, downloaded wheels, indexes and ledgers live under it.
 
 It defaults to ``./data`` (git-ignored) and is set by ``--data-dir`` on the CLI, ``data_dir`` in a
-config file, or ``RAY_APP_DATA_DIR``. The environment variable is read here, at the boundary, and
-nowhere else.
+config file, or ``RAY_APP_DATA_DIR``. Prepared models can live apart from it (baked into a container
+image while the data directory is a shared volume): ``RAY_APP_MODELS_DIR``. The environment variables
+are read here, at the boundary, and nowhere else.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATA_DIR_ENV = "RAY_APP_DATA_DIR"
+MODELS_DIR_ENV = "RAY_APP_MODELS_DIR"
 
 
 def default_data_dir() -> Path:
@@ -28,6 +30,8 @@ class DataDir:
 
     @property
     def models(self) -> Path:
+        if os.environ.get(MODELS_DIR_ENV):
+            return Path(os.environ[MODELS_DIR_ENV]).expanduser().resolve()
         return self.root / "models"
 
     @property
