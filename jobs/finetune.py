@@ -33,9 +33,12 @@ def main(config_cls=TrainConfig, doc: str = __doc__) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, dotted (e.g. optim.max_steps=4); repeatable")
     parser.add_argument("--no-register", action="store_true", help="train and evaluate, do not register")
+    parser.add_argument("--data-dir", help="the data directory with the prepared models (absolute under `ray job "
+                                           "submit`, whose working dir is a copy without ./data)")
     args = parser.parse_args()
+    overrides = parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir else {})
     try:
-        config = config_cls.load(args.config, parse_overrides(args.set))
+        config = config_cls.load(args.config, overrides)
         result = run_training(config, register=False if args.no_register else None)
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,9 +18,11 @@ def main() -> int:
     parser.add_argument("--config", default="configs/ingest.yaml")
     parser.add_argument("--sensitivity", choices=["public", "internal", "confidential"])
     parser.add_argument("--report", help="per-file JSONL report (default: under the data dir)")
+    parser.add_argument("--data-dir", help="the data directory (absolute under `ray job submit`, whose working dir "
+                                           "is a copy without ./data)")
     args = parser.parse_args()
 
-    config = IngestConfig.load(args.config)
+    config = IngestConfig.load(args.config, {"data_dir": args.data_dir} if args.data_dir else None)
     report = run_ingest(args.input, args.collection, config, sensitivity=args.sensitivity, address="auto")
     path = report.write_jsonl(args.report or config.paths.root / "reports" / f"{args.collection}.jsonl")
     for outcome in report.files:

@@ -20,9 +20,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--data-dir", help="the data directory with the prepared models (absolute under `ray job submit`)")
     args = parser.parse_args()
+    overrides = parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir else {})
     try:
-        result = run_search(TuneConfig.load(args.config, parse_overrides(args.set)))
+        result = run_search(TuneConfig.load(args.config, overrides))
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

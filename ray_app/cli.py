@@ -266,11 +266,16 @@ def adapters_promote(
     reg = _registry(registry, data_dir)
     target = reg.get(name, str(version))
     if endpoint:
-        from ray_app.training.evaluate import endpoint_tokens, parity_check
-        from ray_app.training.finetune import load_tokenizer
+        import json
+        import tempfile
 
-        folder = reg.download(target, Path(__import__("tempfile").mkdtemp(prefix="adapter-")))
-        golden = ["What is Ray?", "Summarise: the meeting moved to Tuesday."]
+        from ray_app.training.config import EvalConfig
+        from ray_app.training.evaluate import endpoint_tokens, parity_check
+        from ray_app.training.finetune import GOLDEN_PROMPTS, load_tokenizer
+
+        folder = reg.download(target, Path(tempfile.mkdtemp(prefix="adapter-")))
+        stored = folder / GOLDEN_PROMPTS
+        golden = json.loads(stored.read_text()) if stored.is_file() else EvalConfig().golden_prompts
         result = parity_check(load_tokenizer(str(folder)), endpoint_tokens(endpoint, f"{target.base_model}:{target.ref}"),
                               golden)
         console.print(result.summary())

