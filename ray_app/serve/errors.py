@@ -146,6 +146,9 @@ def from_document_error(exc: BaseException, what: str) -> APIError:
 
 
 def error_response(error: APIError) -> JSONResponse:
+    from ray_app.metrics import record_error
+
+    record_error(error.status_code, error.code)
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
 

@@ -16,6 +16,7 @@ from ray.serve.schema import ServeStatus
 
 from ray_app.embedder import Embeddings
 from ray_app.serve.adapters import catalog_for
+from ray_app.serve.system import system_status
 from ray_app.serve.config import AppConfig
 from ray_app.serve.documents_api import DocumentsService
 from ray_app.serve.openai_api import LLMStream, OpenAIService
@@ -113,6 +114,7 @@ class Gateway:
         self.config = config
         self.app_name = serve.get_replica_context().app_name
         self._deployments = {name: h.deployment_name for name, h in (llms | embedders).items()}
+        self._llm_handles = llms
         self._scale_to_zero = {
             m.name for m in config.llms + config.embedders
             if m.replicas.autoscaling_config is not None and m.replicas.autoscaling_config.min_replicas == 0
@@ -152,6 +154,13 @@ class Gateway:
         status = await asyncio.to_thread(serve.status)
         return health_from_status(status, self.app_name)
 
+    async def system_status(self) -> dict:
+        async def models() -> list[dict]:
+            return [card.model_dump() for card in (await self.service.list_models()).data]
+
+        queues = {name: h.num_unfinished_requests.remote for name, h in self._llm_handles.items()}
+        return await system_status(models, queues)
+
     async def __serve_build_asgi_app__(self):
         self._poller = asyncio.get_running_loop().create_task(self._poll_status())
-        return build_api(self.service, self.config.gateway, self.health, self._route_limits)
+        return build_api(self.service, self.config.gateway, self.health, self._route_limits, self.system_status)

@@ -87,6 +87,10 @@ class UsageRecord:
 
 
 def log_usage(record: UsageRecord) -> None:
+    from ray_app.metrics import record_request
+
+    record_request(record.model, record.endpoint, record.prompt_tokens, record.completion_tokens,
+                   record.seconds, record.ttft_seconds)
     logger.info(
         "usage endpoint=%s model=%s stream=%s prompt_tokens=%d completion_tokens=%d ttft_ms=%s total_ms=%.0f",
         record.endpoint, record.model, record.stream, record.prompt_tokens, record.completion_tokens,

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ray_app.documents.config import Sensitivity
 from ray_app.documents.retrieval import RetrieveRequest
 from ray_app.serve.config import GatewayConfig
-from ray_app.serve.errors import BodySizeLimit, install_error_handlers
+from ray_app.serve.errors import BodySizeLimit, NotFoundError, install_error_handlers
 from ray_app.serve.openai_api import OpenAIService
 from ray_app.serve.protocol import (
     ChatCompletionRequest,
@@ -43,7 +43,8 @@ def _respond(result: dict | AsyncIterator[str]) -> Response:
 
 
 def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[], Awaitable[HealthReport]],
-              route_limits: dict[str, int] | None = None) -> FastAPI:
+              route_limits: dict[str, int] | None = None,
+              system_status: Callable[[], Awaitable[dict]] | None = None) -> FastAPI:
     """The app; ``route_limits`` gives path prefixes (uploads, OCR) body limits of their own."""
     app = FastAPI(title="ray_app", description="OpenAI-compatible API over Ray Serve", version="1")
     install_error_handlers(app)
@@ -95,6 +96,12 @@ def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[]
     @app.delete("/v1/collections/{collection}/documents/{doc_id}")
     async def delete_document(collection: str, doc_id: str) -> JSONResponse:
         return JSONResponse(await documents.delete_document(collection, doc_id))
+
+    @app.get("/v1/system/status")
+    async def status() -> JSONResponse:
+        if system_status is None:
+            raise NotFoundError("system status is served by the Serve gateway only")
+        return JSONResponse(await system_status())
 
     @app.get("/health")
     async def health_check() -> JSONResponse:

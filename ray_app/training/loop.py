@@ -174,7 +174,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 state = {k: v.detach().clone() for k, v in trainable_state(model).items()}
         if rank == 0:
+            from ray_app.metrics import record_train_step
+
             tracker.log(metrics, step)
+            record_train_step(context.get_experiment_name(), step, metrics["loss"], metrics["tokens_per_s"])
             print(f"[train] step {step}/{steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
             with tempfile.TemporaryDirectory() as folder:
                 torch.save({"model": state or trainable_state(model), "optimizer": optimizer.state_dict(),

@@ -61,6 +61,7 @@ def wait_for(url: str, timeout_s: float = 300, status: int = 200) -> httpx.Respo
 class Cluster:
     http_port: int
     dashboard_url: str
+    metrics_url: str
 
 
 @dataclass
@@ -81,17 +82,19 @@ def ray_cluster(data_dir):
     # the serving mode the README starts (override by exporting the variable before pytest)
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     application = shipped_application()
-    port, dashboard_port = free_port(), free_port()
+    port, dashboard_port, metrics_port = free_port(), free_port(), free_port()
     ray.init(
         num_cpus=8,  # logical: the graph asks for ~3 CPUs of scheduling room on a 2-core machine
         include_dashboard=True,
         dashboard_port=dashboard_port,
+        _metrics_export_port=metrics_port,
         runtime_env=application.get("runtime_env"),
         logging_level="WARNING",
         configure_logging=True,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield Cluster(http_port=port, dashboard_url=f"http://127.0.0.1:{dashboard_port}")
+    yield Cluster(http_port=port, dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+                  metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
     serve.shutdown()
     ray.shutdown()
 

@@ -1,0 +1,41 @@
+"""Monitoring on the real cluster: /v1/system/status and our Prometheus metrics on Ray's endpoint."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_system_status_reports_nodes_deployments_models_and_queues(served):
+    body = httpx.get(served.v1 + "/system/status", timeout=60).json()
+    assert body["object"] == "system.status"
+    node = body["nodes"][0]
+    assert node["alive"] and node["cpus"] == 8  # the session's ray.init(num_cpus=8)
+    assert node["usage"]["memory_total_gib"] > 1 and 0 <= node["usage"]["cpu_percent"] <= 100 * 64
+    assert body["cluster"]["total"]["CPU"] == 8 and body["cluster"]["available"]["CPU"] < 8
+    gateway = next(v for k, v in body["deployments"].items() if k.endswith("/Gateway"))
+    assert gateway["status"] == "HEALTHY" and gateway["replicas"] == {"RUNNING": 1}
+    assert {"smollm2-135m-instruct", "tiny-llama", "all-minilm-l6-v2"} <= {m["id"] for m in body["models"]}
+    assert body["queues"]["tiny-llama"]["unfinished_requests"] == 0
+
+
+def test_our_metrics_reach_rays_prometheus_endpoint(served, ray_cluster):
+    client = openai.OpenAI(base_url=served.v1, api_key="unused", max_retries=0)
+    client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    httpx.post(served.v1 + "/chat/completions", json={"model": "nope", "messages": []}, timeout=30)
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # Ray's agents export on an interval
+        text = httpx.get(ray_cluster.metrics_url, timeout=10).text
+        if 'ray_app_requests_total{' in text and "ray_app_errors_total{" in text:
+            break
+        time.sleep(2)
+    lines = [line for line in text.splitlines() if line.startswith("ray_ray_app_")]
+    assert any(line.startswith("ray_ray_app_requests_total{") and 'model="tiny-llama"' in line for line in lines), lines[:20]
+    assert any(line.startswith("ray_ray_app_tokens_total{") and 'direction="out"' in line for line in lines)
+    assert any(line.startswith("ray_ray_app_errors_total{") and 'status="404"' in line for line in lines)
+    assert any(line.startswith("ray_ray_app_request_seconds_bucket{") for line in lines)
