@@ -86,6 +86,7 @@ def plot(report: dict, path: Path) -> None:
     bars = ax.bar(names, [rows[n]["tokens_per_s"] for n in names], color=["#8da0cb", "#a6d854", "#66c2a5", "#fc8d62"])
     ax.bar_label(bars, labels=[f"{rows[n]['tokens_per_s']:.0f}\n({rows[n]['vs_base']:.2f}x)" for n in names])
     ax.set_ylabel("output tokens/s")
+    ax.set_ylim(0, max(rows[n]["tokens_per_s"] for n in names) * 1.2)
     ax.set_title(f"SmolLM2-135M, {report['concurrency']} concurrent streams x {report['output_tokens']} tokens: LoRA adapters")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

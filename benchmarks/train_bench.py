@@ -65,7 +65,7 @@ def ray_train(config_path: Path, overrides: dict) -> dict:
     config = TrainConfig.load(config_path, overrides)
     result = run_training(config, register=False, evaluate_result=False,
                           run_name=f"bench-{config.scaling.num_workers}w-{int(time.time())}")
-    windows = [float(v) for v in result.metrics_dataframe["tokens_per_s"]][1:]
+    windows = [float(row["tokens_per_s"]) for row in result.history][1:]
     return {"workers": config.scaling.num_workers, "threads_per_worker": config.scaling.torch_threads,
             "tokens_per_s": round(statistics.median(windows), 1), "windows": [round(w, 1) for w in windows],
             "final_loss": round(result.metrics["loss"], 4)}

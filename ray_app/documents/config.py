@@ -96,7 +96,8 @@ class IngestConfig(_Strict):
 
     data_dir: str | None = None
     embedder: str = Field("all-minilm-l6-v2", description="Embedder source: a prepared name, folder or HF id.")
-    embedder_threads: PositiveInt | None = Field(1, description="torch threads per embedding actor.")
+    embedder_threads: PositiveInt | None = Field(
+        2, description="torch threads per embedding actor (the node's cores / embed.concurrency).")
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
     ocr: OCRConfig = Field(default_factory=OCRConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -105,9 +106,9 @@ class IngestConfig(_Strict):
     sensitivity_rules: list[SensitivityRule] = Field(
         default_factory=list, description="First matching rule wins; else the command's label, else the default.")
     parse: StageResources = Field(default_factory=lambda: StageResources(concurrency=2, num_cpus=0.5, batch_size=4))
-    chunk: StageResources = Field(default_factory=lambda: StageResources(concurrency=1, num_cpus=0.25, batch_size=4))
-    ocr_stage: StageResources = Field(default_factory=lambda: StageResources(concurrency=1, num_cpus=1, batch_size=1))
-    embed: StageResources = Field(default_factory=lambda: StageResources(concurrency=1, num_cpus=1, batch_size=64))
+    ocr_stage: StageResources = Field(default_factory=lambda: StageResources(concurrency=1, num_cpus=1, batch_size=4))
+    # small batches: embedding starts as soon as a few documents are parsed, overlapping the parsers
+    embed: StageResources = Field(default_factory=lambda: StageResources(concurrency=1, num_cpus=1, batch_size=8))
 
     @property
     def paths(self) -> DataDir:

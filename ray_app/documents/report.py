@@ -30,6 +30,7 @@ class IngestReport:
     collection: str
     files: list[FileOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    first_result_s: float | None = None  # until the first file came out of the pipeline (start-up)
 
     def count(self, status: Status) -> int:
         return sum(f.status == status for f in self.files)
@@ -53,6 +54,7 @@ class IngestReport:
                 "indexed": self.count("indexed"), "unchanged": self.count("unchanged"),
                 "refused": self.count("refused"), "chunks": self.chunks, "pages": self.pages,
                 "seconds": round(self.seconds, 2),
+                "first_result_s": None if self.first_result_s is None else round(self.first_result_s, 2),
                 "files_per_s": round(len(self.files) / self.seconds, 3) if self.seconds else None,
                 "chunks_per_s": round(self.chunks / self.seconds, 3) if self.seconds else None}
 

@@ -31,6 +31,7 @@ class TrainingResult:
     parity: str = "skipped"
     version: int | None = None
     resumed_from_steps: list[int] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)  # every report of rank 0, in order
 
 
 def init_ray(address: str | None = None) -> None:
@@ -165,14 +166,15 @@ def run_training(config: TrainConfig, *, register: bool | None = None, run_name:
         if result.checkpoint is None:
             raise RuntimeError(f"training ended without a checkpoint: {result.error}")
         metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-        resumed = sorted({int(s) for s in result.metrics_dataframe.get("resumed_from_step", []) if s}) \
-            if result.metrics_dataframe is not None else []
+        frame = result.metrics_dataframe
+        history = frame.to_dict("records") if frame is not None else []
+        resumed = sorted({int(row["resumed_from_step"]) for row in history if row.get("resumed_from_step")})
 
         out = paths.root / "adapters" / config.name / run.info.run_id
         artifact = _artifact_from_checkpoint(config, model_path, tokenizer, result.checkpoint, out)
         # promotion re-checks parity against a live endpoint with the same prompts
         (artifact / GOLDEN_PROMPTS).write_text(json.dumps(config.eval.golden_prompts))
-        outcome = TrainingResult(run.info.run_id, artifact, metrics, resumed_from_steps=resumed)
+        outcome = TrainingResult(run.info.run_id, artifact, metrics, resumed_from_steps=resumed, history=history)
         if evaluate_result:
             scores = {}
             for label, adapter in (("base", None), ("adapter", str(artifact))):

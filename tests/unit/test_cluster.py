@@ -103,3 +103,15 @@ def test_the_rayservice_embeds_the_shipped_serve_config():
         "cluster/kuberay/rayservice.yaml's serveConfigV2 differs from serve_config.yaml: copy the applications over"
     assert embedded["http_options"]["host"] == "0.0.0.0"  # reachable through the Kubernetes service
     AppConfig.load(embedded["applications"][0]["args"])
+
+
+def test_the_grafana_dashboard_queries_the_metrics_we_export():
+    import re
+
+    dashboard = json.loads((ROOT / "cluster" / "grafana" / "ray_app_dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    ours = {name for e in exprs for name in re.findall(r"ray_ray_app_(\w+?)(?:_bucket)?\b", e)}
+    source = (ROOT / "ray_app" / "metrics.py").read_text()
+    defined = set(re.findall(r'"ray_app_(\w+)"', source))
+    assert ours and ours <= defined, ours - defined
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
