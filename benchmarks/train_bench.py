@@ -129,7 +129,8 @@ def main() -> None:
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.05}, "optim.learning_rate": 2e-4,
                 "data_dir": str(data_dir), "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
         init_ray()
-        windows = {"optim.max_steps": 2 + args.steps, "checkpoint.every_steps": 2}
+        # every 2-step window kept (Train's metrics history holds the retained checkpoints' reports)
+        windows = {"optim.max_steps": 2 + args.steps, "checkpoint.every_steps": 2, "checkpoint.keep": 100}
         one = ray_train(ROOT / "configs/train/lora_tiny.yaml", base | windows | {
             "scaling.num_workers": 1, "scaling.torch_threads": args.threads})
         print("ray 1 worker:", json.dumps(one), file=sys.stderr)

@@ -16,12 +16,12 @@ from ray.serve.schema import ServeStatus
 
 from ray_app.embedder import Embeddings
 from ray_app.serve.adapters import catalog_for
-from ray_app.serve.system import system_status
 from ray_app.serve.config import AppConfig
 from ray_app.serve.documents_api import DocumentsService
 from ray_app.serve.openai_api import LLMStream, OpenAIService
 from ray_app.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard
 from ray_app.serve.routes import HealthReport, build_api
+from ray_app.serve.system import system_status
 
 
 class HandleLLM:

@@ -24,7 +24,7 @@ def _dashboard_url() -> str | None:
 
 
 async def _physical_use() -> dict[str, dict[str, Any]]:
-    """node id -> physical use, from the dashboard (empty when it is not running)."""
+    """node id (and IP) -> physical use, from the dashboard (empty when it is not running)."""
     from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
 
     url = await asyncio.to_thread(_dashboard_url)
@@ -39,7 +39,7 @@ async def _physical_use() -> dict[str, dict[str, Any]]:
     out = {}
     for node in summary:
         mem = node.get("mem") or [0, 0, 0]  # total, available, percent
-        out[node.get("raylet", {}).get("nodeId", "")] = {
+        usage = {
             "cpu_percent": node.get("cpu"),
             "memory_used_gib": round((mem[0] - mem[1]) / 2**30, 2),
             "memory_total_gib": round(mem[0] / 2**30, 2),
@@ -47,6 +47,9 @@ async def _physical_use() -> dict[str, dict[str, Any]]:
                       "memory_used_mib": g.get("memoryUsed"), "memory_total_mib": g.get("memoryTotal")}
                      for g in node.get("gpus") or []],
         }
+        # keyed by node id, and by IP for a summary whose raylet part has not arrived yet
+        out[node.get("raylet", {}).get("nodeId", "")] = usage
+        out[node.get("ip", "")] = usage
     return out
 
 
@@ -63,7 +66,7 @@ def _nodes(physical: dict[str, dict]) -> list[dict[str, Any]]:
                                  if k not in ("CPU", "GPU", "memory", "object_store_memory")
                                  and not k.startswith("node:") and not k.startswith("accelerator_type")},
             "accelerator_type": next((k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")), None),
-            "usage": physical.get(node["NodeID"]),
+            "usage": physical.get(node["NodeID"]) or physical.get(node.get("NodeManagerAddress", "")),
         })
     return nodes
 
