@@ -38,13 +38,19 @@ def _get(name: str):
     return _metrics()[name] if ray.is_initialized() else None
 
 
+def _add(name: str, value: float, tags: dict[str, str]) -> None:
+    # Ray's Counter.inc refuses 0 (ValueError), and a metric must never fail the request it counts.
+    if value > 0:
+        _get(name).inc(value, tags)
+
+
 def record_request(model: str, endpoint: str, prompt_tokens: int, completion_tokens: int, seconds: float,
                    ttft_seconds: float | None) -> None:
     if (requests := _get("requests")) is None:
         return
     requests.inc(1, {"model": model, "endpoint": endpoint})
-    _get("tokens").inc(prompt_tokens, {"model": model, "direction": "in"})
-    _get("tokens").inc(completion_tokens, {"model": model, "direction": "out"})
+    _add("tokens", prompt_tokens, {"model": model, "direction": "in"})
+    _add("tokens", completion_tokens, {"model": model, "direction": "out"})  # 0 for embeddings
     _get("latency").observe(seconds, {"model": model, "endpoint": endpoint})
     if ttft_seconds is not None:
         _get("ttft").observe(ttft_seconds, {"model": model})
@@ -58,8 +64,7 @@ def record_error(status: int, code: str | None) -> None:
 def record_ingest(collection: str, status: str, chunks: int) -> None:
     if (files := _get("ingest_files")) is not None:
         files.inc(1, {"collection": collection, "status": status})
-        if chunks:
-            _get("ingest_chunks").inc(chunks, {"collection": collection})
+        _add("ingest_chunks", chunks, {"collection": collection})
 
 
 def record_train_step(run: str, step: int, loss: float, tokens_per_s: float) -> None:

@@ -120,6 +120,7 @@ class Gateway:
             if m.replicas.autoscaling_config is not None and m.replicas.autoscaling_config.min_replicas == 0
         }
         self._status: ServeStatus | None = None
+        self._refresh: asyncio.Future | None = None
         self.service = OpenAIService(
             llms={name: HandleLLM(h) for name, h in llms.items()},
             embedders={name: HandleEmbedder(h) for name, h in embedders.items()},
@@ -137,17 +138,30 @@ class Gateway:
         if config.knowledge is not None:
             self._route_limits["/v1/collections"] = config.knowledge.max_upload_bytes
 
-    def _unavailable(self, model: str) -> str | None:
-        return unavailable_reason(self._status, self.app_name, self._deployments[model],
-                                  scales_to_zero=model in self._scale_to_zero)
+    async def _unavailable(self, model: str) -> str | None:
+        deployment, scales_to_zero = self._deployments[model], model in self._scale_to_zero
+        if unavailable_reason(self._status, self.app_name, deployment, scales_to_zero) is None:
+            return None
+        # The snapshot may predate a replica that has just started: confirm before refusing.
+        return unavailable_reason(await self._fresh_status(), self.app_name, deployment, scales_to_zero)
+
+    async def _fresh_status(self) -> ServeStatus | None:
+        # Concurrent refusals share one controller call, so an outage cannot flood the controller.
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(self._read_status())
+        return await asyncio.shield(self._refresh)
+
+    async def _read_status(self) -> ServeStatus | None:
+        try:
+            self._status = await asyncio.to_thread(serve.status)
+        except Exception:  # the controller restarting is no reason to stop serving
+            self._status = None
+        return self._status
 
     async def _poll_status(self) -> None:
         # Off the request path: requests read the last snapshot, never wait for the controller.
         while True:
-            try:
-                self._status = await asyncio.to_thread(serve.status)
-            except Exception:  # the controller restarting is no reason to stop polling
-                self._status = None
+            await self._fresh_status()
             await asyncio.sleep(self.config.gateway.status_poll_interval_s)
 
     async def health(self) -> HealthReport:

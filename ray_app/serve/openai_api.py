@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from ray_app.embedder import Embeddings, InputTooLongError
 from ray_app.serve.documents_api import DocumentsService
@@ -98,6 +98,10 @@ def log_usage(record: UsageRecord) -> None:
     )
 
 
+async def _always_available(model: str) -> None:
+    return None
+
+
 @dataclass
 class OpenAIService:
     llms: dict[str, LLMBackend]
@@ -105,8 +109,8 @@ class OpenAIService:
     cards: dict[str, ModelCard]
     timeout_s: float = 600.0
     on_usage: Callable[[UsageRecord], None] = log_usage
-    # model -> why it cannot serve now (None when it can); fed by the gateway's status poll
-    unavailable: Callable[[str], str | None] = lambda model: None
+    # model -> why it cannot serve now (None when it can); the gateway answers from Serve's status
+    unavailable: Callable[[str], Awaitable[str | None]] = _always_available
     documents: DocumentsService = field(default_factory=DocumentsService)
     adapters: dict[str, AdapterCatalog] = field(default_factory=dict)  # base model -> its adapters
     _known: list[str] = field(init=False)
@@ -154,18 +158,18 @@ class OpenAIService:
         """(backend name, model id for the engine): the base itself, or a pinned adapter id on it."""
         if model is not None and ":" in model and model not in self.cards:
             base, model_id = await self._resolve_adapter(model)
-            return self._resolve(base, self.llms, kind, self.embedders, "/v1/embeddings"), model_id
-        name = self._resolve(model, self.llms, kind, self.embedders, "/v1/embeddings")
+            return await self._resolve(base, self.llms, kind, self.embedders, "/v1/embeddings"), model_id
+        name = await self._resolve(model, self.llms, kind, self.embedders, "/v1/embeddings")
         return name, name
 
-    def _resolve(self, model: str | None, pool: dict, kind: str, other: dict, other_route: str) -> str:
+    async def _resolve(self, model: str | None, pool: dict, kind: str, other: dict, other_route: str) -> str:
         if model is None:
             if len(pool) != 1:
                 raise InvalidRequestError(f"`model` is required; {kind} models: {', '.join(sorted(pool))}",
                                           param="model")
             model = next(iter(pool))
         if model in pool:
-            if (reason := self.unavailable(model)) is not None:
+            if (reason := await self.unavailable(model)) is not None:
                 # fail fast instead of queueing behind a replica that is not there
                 raise EngineUnavailableError(f"{model!r} is unavailable: {reason}", headers={"retry-after": "5"})
             return model
@@ -285,7 +289,7 @@ class OpenAIService:
     # -- embeddings ----------------------------------------------------------------------------
 
     async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
-        name = self._resolve(request.model, self.embedders, "embedding", self.llms, "/v1/chat/completions")
+        name = await self._resolve(request.model, self.embedders, "embedding", self.llms, "/v1/chat/completions")
         started = time.perf_counter()
         texts = request.texts
         try:

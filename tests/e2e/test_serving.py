@@ -144,7 +144,9 @@ def test_structured_output_with_a_json_schema(client):
 
 def test_embeddings_are_semantic_and_base64_matches_float(client, served):
     texts = ["The cat sits on the mat.", "A kitten is resting on a rug.", "Stock markets fell sharply today."]
-    floats = httpx.post(served.v1 + "/embeddings", json={"model": EMBED, "input": texts}, timeout=60).json()
+    response = httpx.post(served.v1 + "/embeddings", json={"model": EMBED, "input": texts}, timeout=60)
+    assert response.status_code == 200, response.text
+    floats = response.json()
     vectors = np.array([d["embedding"] for d in floats["data"]])
     assert vectors.shape == (3, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)

@@ -35,7 +35,8 @@ def test_503_while_the_replica_is_replaced_then_recovery(embed_only):
     import ray
 
     body = {"model": "all-minilm-l6-v2", "input": "hello"}
-    assert httpx.post(embed_only + "/v1/embeddings", json=body, timeout=30).status_code == 200
+    response = httpx.post(embed_only + "/v1/embeddings", json=body, timeout=30)
+    assert response.status_code == 200, response.text
 
     [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["name"].startswith(f"SERVE_REPLICA::{APP}#Embedder")]

@@ -211,6 +211,47 @@ async def test_replica_failures_are_503():
         assert "fake-llm" in error["message"]
 
 
+async def test_a_model_without_a_running_replica_fails_fast_with_503():
+    h = Harness()
+    llm = h.llms["fake-llm"]
+    down = {"fake-llm": "no running replica (UNHEALTHY)", "fake-embed": "no running replica (UPDATING)"}
+
+    async def unavailable(model: str) -> str | None:
+        return down.get(model)
+
+    h.service.unavailable = unavailable
+    for route, body, model in (("/v1/chat/completions", CHAT, "fake-llm"),
+                               ("/v1/embeddings", {"model": "fake-embed", "input": "x"}, "fake-embed")):
+        response = await h.http.post(route, json=body)
+        error = assert_openai_error(response, 503, code="engine_unavailable")
+        assert response.headers["retry-after"] == "5" and down[model] in error["message"]
+    assert not llm.requests  # refused before reaching the replica
+
+    down.clear()
+    assert (await h.http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+def test_unavailable_reason_reads_running_replicas_from_serve_status():
+    from ray.serve._private.common import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
+    from ray.serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
+
+    from ray_app.serve.gateway import unavailable_reason
+
+    def status(running: int, state: str) -> ServeStatus:
+        d = DeploymentStatusOverview(status=DeploymentStatus(state),
+                                     status_trigger=DeploymentStatusTrigger.CONFIG_UPDATE_STARTED, message="",
+                                     replica_states={ReplicaState.RUNNING: running} if running else {})
+        app = ApplicationStatusOverview(status="RUNNING", message="", last_deployed_time_s=0,
+                                        deployments={"Embedder:e": d})
+        return ServeStatus(applications={"app": app})
+
+    assert unavailable_reason(status(0, "UPDATING"), "app", "Embedder:e") == "no running replica (UPDATING)"
+    assert unavailable_reason(status(1, "HEALTHY"), "app", "Embedder:e") is None
+    assert unavailable_reason(status(0, "HEALTHY"), "app", "Embedder:e", scales_to_zero=True) is None
+    assert unavailable_reason(None, "app", "Embedder:e") is None  # no status, no verdict
+    assert unavailable_reason(status(0, "UPDATING"), "other-app", "Embedder:e") is None
+
+
 class _Raising:
     """A backend stream whose replica call fails, as a DeploymentResponseGenerator does."""
 
