@@ -1,4 +1,4 @@
-"""``ray-app``: the command line of ray_app (models, config checks; later ingest, adapters, usage)."""
+"""``ray-app``: the command line of ray_app (models, config checks, ingest, adapters, router keys and usage)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ app.add_typer(collection_app, name="collection")
 adapters_app = typer.Typer(help="Trained adapters in the MLflow Model Registry: list, promote, roll back.",
                            no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
+keys_app = typer.Typer(help="Smart-router API keys: create, list, revoke.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 console = Console(stderr=True)
 
@@ -73,6 +75,11 @@ def config_validate(
 
     try:
         apps = load_serve_config(path)
+        from ray_app.serve.app import load_router_config
+
+        for _, config in apps:
+            if config.router is not None:
+                load_router_config(config)
         if check_models:
             from ray_app.serve.app import resolve_sources
 
@@ -301,6 +308,220 @@ def adapters_rollback(name: str, registry: RegistryOption = None, data_dir: Data
         console.print(f"[red]refused:[/] {e}")
         raise typer.Exit(1)
     console.print(f"[green]{name}@champion[/] -> version {version.version}")
+
+RouterConfigOption = Annotated[
+    Path, typer.Option("--router-config", help="Router config (keys, budgets, where the ledger lives).")]
+
+
+def _router_config(path: Path, data_dir: Path | None):
+    from ray_app.config_error import ConfigError
+    from ray_app.router.config import RouterConfig
+
+    if not path.is_file():
+        console.print(f"[red]error:[/] router config {path} not found (see --router-config)")
+        raise typer.Exit(1)
+    try:
+        config = RouterConfig.load(path)
+    except ConfigError as e:
+        console.print(f"[red]invalid:[/] {e}")
+        raise typer.Exit(1)
+    return config.model_copy(update={"data_dir": str(data_dir)}) if data_dir else config
+
+
+def _utc(ts: float | None, fmt: str = "%Y-%m-%d") -> str | None:
+    from datetime import UTC, datetime
+
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime(fmt)
+
+
+def _utc_day(value: str | None, option: str) -> float | None:
+    """The Unix time a YYYY-MM-DD UTC day starts."""
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        console.print(f"[red]error:[/] {option} {value!r}: expected a date as YYYY-MM-DD (UTC)")
+        raise typer.Exit(1)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="Who or what the key is for (shown in listings).")],
+    budget: Annotated[Optional[float], typer.Option(
+        "--budget", min=0, help="USD per budget period (default: the config's default_budget_usd).")] = None,
+    rpm: Annotated[Optional[int], typer.Option("--rpm", min=1, help="Requests per minute (default: config).")] = None,
+    tpm: Annotated[Optional[int], typer.Option("--tpm", min=1, help="Tokens per minute (default: config).")] = None,
+    confidential: Annotated[bool, typer.Option(
+        "--confidential", help="Keep every request made with this key on local targets.")] = False,
+    router_config: RouterConfigOption = Path("configs/router.yaml"),
+    data_dir: DataDirOption = None,
+) -> None:
+    """Create an API key; its secret is printed once and cannot be shown again."""
+    from contextlib import closing
+
+    from ray_app.router.keys import KeyStore
+
+    if not name.strip():
+        console.print("[red]error:[/] the key name must not be empty")
+        raise typer.Exit(1)
+    config = _router_config(router_config, data_dir)
+    with closing(KeyStore(config.ledger_path())) as store:
+        new = store.create(name, budget_usd=budget, rpm=rpm, tpm=tpm, confidential=confidential)
+    # Plain echo, not rich: the secret must come out byte for byte.
+    typer.echo(f"key_id: {new.record.key_id}")
+    typer.echo(f"name:   {new.record.name}")
+    typer.echo(f"secret: {new.secret}")
+    typer.echo("Store the secret now: it will not be shown again (clients send it as `Authorization: Bearer ...`).")
+
+
+def _print_table(table: Table) -> None:
+    """On a terminal, fit its width (long cells fold); piped, print every row on one line for grep and awk."""
+    out = Console()
+    if not out.is_terminal:
+        natural = out.measure(table, options=out.options.update_width(100_000)).maximum
+        out = Console(width=max(out.width, natural))
+    out.print(table)
+
+
+def _limit(own: float | None, default: float | None, fmt: str = "{}") -> str:
+    if own is not None:
+        return fmt.format(own)
+    return "none" if default is None else "default " + fmt.format(default)
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    router_config: RouterConfigOption = Path("configs/router.yaml"),
+    data_dir: DataDirOption = None,
+) -> None:
+    """API keys with their limits and their spend this budget period (never secrets)."""
+    import json
+    import time
+    from contextlib import closing
+
+    from ray_app.router.keys import KeyStore, Quotas
+    from ray_app.router.ledger import Ledger
+
+    config = _router_config(router_config, data_dir)
+    defaults = config.keys
+    with closing(KeyStore(config.ledger_path())) as store, Ledger(config.ledger_path()) as ledger:
+        period_start = Quotas(ledger, defaults).period_start(time.time())
+        keys = [(k, ledger.spend(k.key_id, since=period_start)) for k in store.list()]
+    if as_json:
+        print(json.dumps([{
+            "key_id": k.key_id, "name": k.name, "created_at": _utc(k.created_at, "%Y-%m-%dT%H:%M:%SZ"),
+            "status": "revoked" if k.revoked_at is not None else "active",
+            "revoked_at": _utc(k.revoked_at, "%Y-%m-%dT%H:%M:%SZ"),
+            # Own settings (null: the config default) and what is enforced.
+            "budget_usd": k.budget_usd, "rpm": k.rpm, "tpm": k.tpm,
+            "effective_budget_usd": k.budget_usd if k.budget_usd is not None else defaults.default_budget_usd,
+            "effective_rpm": k.rpm if k.rpm is not None else defaults.default_rpm,
+            "effective_tpm": k.tpm if k.tpm is not None else defaults.default_tpm,
+            "confidential": k.confidential, "budget_period": defaults.budget_period,
+            "period_start": _utc(period_start), "spend_usd": spent,
+        } for k, spent in keys], indent=2))
+        return
+    table = Table(title=f"API keys (spend since {_utc(period_start)}, budget period: {defaults.budget_period})")
+    table.add_column("key_id", no_wrap=True)
+    table.add_column("name", overflow="fold")
+    table.add_column("created", no_wrap=True)
+    for column in ("status", "budget", "rpm", "tpm", "confidential"):
+        table.add_column(column, overflow="fold")
+    table.add_column("spend", justify="right", no_wrap=True)
+    for k, spent in keys:
+        status = "active" if k.revoked_at is None else f"revoked {_utc(k.revoked_at)}"
+        table.add_row(k.key_id, k.name, _utc(k.created_at), status,
+                      _limit(k.budget_usd, defaults.default_budget_usd, "${:.2f}"),
+                      _limit(k.rpm, defaults.default_rpm), _limit(k.tpm, defaults.default_tpm),
+                      "yes" if k.confidential else "no", f"${spent:.4f}")
+    _print_table(table)
+    if not keys:
+        console.print("no keys yet: `ray-app keys create NAME`")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id, as `ray-app keys list` shows it.")],
+    router_config: RouterConfigOption = Path("configs/router.yaml"),
+    data_dir: DataDirOption = None,
+) -> None:
+    """Revoke an API key: requests with it are refused from now on."""
+    from contextlib import closing
+
+    from ray_app.router.keys import KeyStore
+
+    config = _router_config(router_config, data_dir)
+    with closing(KeyStore(config.ledger_path())) as store:
+        record = store.get(key_id)
+        if record is None:
+            console.print(f"[red]error:[/] no key {key_id!r} in {config.ledger_path()} (see `ray-app keys list`)")
+            raise typer.Exit(1)
+        if record.revoked_at is not None:
+            console.print(f"key {key_id} ({record.name}) was already revoked on {_utc(record.revoked_at)}")
+            return
+        store.revoke(key_id)
+    console.print(f"[green]revoked[/] {key_id} ({record.name})")
+
+
+@app.command("usage")
+def usage(
+    key: Annotated[Optional[str], typer.Option("--key", help="Only this key id.")] = None,
+    since: Annotated[Optional[str], typer.Option("--since", help="First UTC day included, YYYY-MM-DD.")] = None,
+    until: Annotated[Optional[str], typer.Option("--until", help="Last UTC day included, YYYY-MM-DD.")] = None,
+    group_by: Annotated[str, typer.Option(
+        "--group-by", help="Comma-separated: key, model, day, route, target, status ('' for totals only).")
+    ] = "key,model,day",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: the rows and the total.")] = False,
+    router_config: RouterConfigOption = Path("configs/router.yaml"),
+    data_dir: DataDirOption = None,
+) -> None:
+    """Requests, tokens and cost from the router's spend ledger, grouped, with a total."""
+    import json
+    from typing import get_args
+
+    from ray_app.router.ledger import GroupBy, Ledger
+
+    choices = get_args(GroupBy)
+    groups = list(dict.fromkeys(g.strip() for g in group_by.split(",") if g.strip()))
+    unknown = [g for g in groups if g not in choices]
+    if unknown:
+        console.print(f"[red]error:[/] --group-by: unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+        raise typer.Exit(1)
+    start = _utc_day(since, "--since")
+    end = _utc_day(until, "--until")
+    end = None if end is None else end + 86400  # --until is inclusive; the ledger's bound is not
+    if start is not None and end is not None and start >= end:
+        console.print(f"[red]error:[/] --since {since} is after --until {until}")
+        raise typer.Exit(1)
+    config = _router_config(router_config, data_dir)
+    with Ledger(config.ledger_path()) as ledger:
+        rows = ledger.usage(key_id=key, since=start, until=end, group_by=groups)
+    measures = ("requests", "prompt_tokens", "completion_tokens", "cost_usd")
+    total = {m: sum(row[m] for row in rows) for m in measures}
+    if as_json:
+        print(json.dumps({"group_by": groups, "key": key, "since": since, "until": until,
+                          "rows": rows, "total": total}, indent=2))
+        return
+    def cell(measure: str, value: float) -> str:
+        return f"{value:.4f}" if measure == "cost_usd" else str(value)
+
+    if not rows:
+        console.print("no usage recorded for these filters")
+        return
+    # Grouped rows get a total footer; ungrouped, the one row is the total.
+    table = Table(show_footer=bool(groups))
+    for i, g in enumerate(groups):
+        table.add_column(g, footer="total" if i == 0 else "", no_wrap=g == "key", overflow="fold")
+    for measure, header in zip(measures, ("requests", "prompt tokens", "completion tokens", "cost (USD)")):
+        table.add_column(header, footer=cell(measure, total[measure]), justify="right", overflow="fold")
+    for row in rows:
+        table.add_row(*("-" if row[g] is None else str(row[g]) for g in groups),
+                      *(cell(m, row[m]) for m in measures))
+    _print_table(table)
 
 
 def main() -> None:

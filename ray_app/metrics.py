@@ -26,6 +26,9 @@ def _metrics():
         "ingest_files": Counter("ray_app_ingest_files_total", "Files through ingestion, by outcome.",
                                 ("collection", "status")),
         "ingest_chunks": Counter("ray_app_ingest_chunks_total", "Chunks written by ingestion.", ("collection",)),
+        "routed": Counter("ray_app_routed_requests_total", "Requests through the smart router, by outcome.",
+                          ("route", "target", "status")),
+        "spend": Counter("ray_app_spend_usd_total", "USD charged by the smart router.", ("route", "target")),
         "train_step": Gauge("ray_app_train_step", "The latest optimizer step of a training run.", ("run",)),
         "train_loss": Gauge("ray_app_train_loss", "The latest training loss of a run.", ("run",)),
         "train_tokens_per_s": Gauge("ray_app_train_tokens_per_second", "Training throughput.", ("run",)),
@@ -65,6 +68,12 @@ def record_ingest(collection: str, status: str, chunks: int) -> None:
     if (files := _get("ingest_files")) is not None:
         files.inc(1, {"collection": collection, "status": status})
         _add("ingest_chunks", chunks, {"collection": collection})
+
+
+def record_route(route: str, target: str, status: str, cost_usd: float) -> None:
+    if (routed := _get("routed")) is not None:
+        routed.inc(1, {"route": route, "target": target, "status": status})
+        _add("spend", cost_usd, {"route": route, "target": target})
 
 
 def record_train_step(run: str, step: int, loss: float, tokens_per_s: float) -> None:

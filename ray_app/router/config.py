@@ -149,6 +149,9 @@ class RouterConfig(_Strict):
     targets: list[Target] = Field(min_length=1)
     routes: dict[str, Route] = Field(min_length=1)
     default_route: str = Field("auto", description="Route used when a request names none.")
+    local_hourly_rate_usd: PositiveFloat = Field(
+        0.50, description="USD per replica-hour charged for requests that name a served model directly "
+                          "(not through a route), embeddings included.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     keys: KeysConfig = Field(default_factory=KeysConfig)
 

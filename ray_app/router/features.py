@@ -20,17 +20,19 @@ __all__ = ["CONFIDENTIAL_HEADER", "RequestFeatures", "detect_tasks", "estimate_t
 # A client marks a request confidential with this header set to 1/true/yes.
 CONFIDENTIAL_HEADER = "x-confidential"
 _MESSAGE_OVERHEAD_TOKENS = 4  # role and separators per message in chat templates
-_TASK_SCAN_CHARS = 20_000
+# Tasks are read from the head and tail of long prompts (where the ask is); PII is always scanned in full.
+_TASK_SCAN_CHARS = 4_000
 
 _CODE = re.compile(
     r"```|^\s*(?:def|class)\s+\w+|^\s*(?:import|from)\s+[\w.]+|#include\s*<|Traceback \(most recent call last\)"
     r"|^\s*(?:function|public|private|fn|func)\s+\w+", re.MULTILINE)
 _CODE_LINE_END = re.compile(r"[{};]\s*$", re.MULTILINE)
-_MATH = re.compile(
-    # No "/" (dates) and no "$...$" (prices): both are common outside maths.
-    r"\\(?:frac|int|sum|sqrt|lim|partial)\b|\b\d+\s*[+*^=×÷]\s*\d+"
-    r"|\b(?:solve|integral|integrate|derivative|differentiate|equation|prove|theorem|lemma|probability|matrix)\b",
-    re.IGNORECASE)
+# No "/" (dates) and no "$...$" (prices): both are common outside maths.
+_DIGIT = re.compile(r"\d")
+_MATH_LATEX = re.compile(r"\\(?:frac|int|sum|sqrt|lim|partial)\b")
+_MATH_ARITHMETIC = re.compile(r"\b\d+\s*[+*^=×÷]\s*\d+")
+_MATH_WORDS = frozenset({"solve", "integral", "integrate", "derivative", "differentiate", "equation", "prove",
+                         "theorem", "lemma", "probability", "matrix"})
 _SUMMARIZE = re.compile(r"\b(?:summari[sz]e|summary|tl;?dr|key points|condense|recap)\b", re.IGNORECASE)
 _WORD = re.compile(r"[^\W\d_]+")
 _ENGLISH = frozenset({
@@ -91,16 +93,16 @@ def message_text(message: Mapping[str, Any]) -> str:
 
 
 def estimate_tokens(text: str, chars_per_token: float = 4.0) -> int:
-    non_ascii = sum(1 for ch in text if ord(ch) > 127)
+    non_ascii = 0 if text.isascii() else sum(1 for ch in text if ord(ch) > 127)
     return int((len(text) - non_ascii) / chars_per_token) + non_ascii + 1
 
 
-def _non_english(text: str) -> bool:
-    letters = [ch for ch in text if ch.isalpha()]
-    # Mostly non-Latin script (CJK, Cyrillic, Arabic, ...): Latin letters are all below U+0250.
-    if letters and sum(ord(ch) >= 0x250 for ch in letters) / len(letters) > 0.3:
-        return True
-    words = [w.lower() for w in _WORD.findall(text)]
+def _non_english(text: str, words: list[str]) -> bool:
+    if not text.isascii():
+        letters = [ch for ch in text if ch.isalpha()]
+        # Mostly non-Latin script (CJK, Cyrillic, Arabic, ...): Latin letters are all below U+0250.
+        if letters and sum(ord(ch) >= 0x250 for ch in letters) / len(letters) > 0.3:
+            return True
     english = sum(w in _ENGLISH for w in words)
     other = sum(w in _OTHER for w in words)
     return other >= 2 and other > english
@@ -113,13 +115,15 @@ def detect_tasks(text: str) -> frozenset[str]:
         half = _TASK_SCAN_CHARS // 2
         text = text[:half] + "\n" + text[-half:]
     tasks = set()
+    words = _WORD.findall(text.lower())
     if _CODE.search(text) or len(_CODE_LINE_END.findall(text)) >= 2:
         tasks.add("code")
-    if _MATH.search(text):
+    if (_MATH_WORDS.intersection(words) or ("\\" in text and _MATH_LATEX.search(text))
+            or (_DIGIT.search(text) and _MATH_ARITHMETIC.search(text))):
         tasks.add("math")
     if _SUMMARIZE.search(text):
         tasks.add("summarize")
-    if _non_english(text):
+    if _non_english(text, words):
         tasks.add("multilingual")
     return frozenset(tasks)
 

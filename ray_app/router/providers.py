@@ -25,7 +25,7 @@ from openai.resources.chat.completions import AsyncCompletions
 
 from ray_app.router.config import Target
 
-__all__ = ["BedrockProvider", "OpenAIProvider", "Provider", "ProviderError", "RetryPolicy", "from_converse",
+__all__ = ["BedrockProvider", "LocalProvider", "OpenAIProvider", "Provider", "ProviderError", "RetryPolicy", "from_converse",
            "make_provider", "to_converse"]
 
 
@@ -98,6 +98,23 @@ class Provider:
 
     def _stream_once(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         raise NotImplementedError
+
+
+class LocalProvider(Provider):
+    """A model served by this cluster. The Serve layer supplies the calls (through the model's
+    deployment handle); they speak OpenAI's dict format and raise ``ProviderError`` like the others."""
+
+    def __init__(self, target: Target, chat: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
+                 stream: Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]],
+                 retry: RetryPolicy | None = None):
+        super().__init__(target, retry)
+        self._chat, self._stream = chat, stream
+
+    async def _chat_once(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self._chat(request | {"model": self.target.model})
+
+    def _stream_once(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(request | {"model": self.target.model})
 
 
 # Keyword arguments the SDK's create() takes; anything else a client sent rides along in extra_body.

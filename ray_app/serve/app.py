@@ -22,6 +22,7 @@ from ray_app.serve.gateway import Gateway
 from ray_app.serve.knowledge import build_knowledge_deployment
 from ray_app.serve.llm import build_llm_app
 from ray_app.serve.ocr import build_ocr_deployment
+from ray_app.serve.router import RouterServer
 from ray_app.serve.protocol import ModelCard
 
 
@@ -94,5 +95,27 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             config.knowledge, str(config.paths.root), embedder.source, sources[embedder.name],
             embedders[embedder.name], ocr, config.ocr.ocr if config.ocr else OCRConfig(),
             sources.get("knowledge.reranker"))
+    router = router_config = None
+    if config.router is not None:
+        router_config = load_router_config(config)
+        local_models = {t.model for t in router_config.targets if t.kind == "local"}
+        replicas = {m.name: m.replicas.num_replicas or m.replicas.autoscaling_config.min_replicas or 1
+                    for m in config.llms}
+        router = (serve.deployment(RouterServer).options(name="Router", **config.router.replicas.serve_options())
+                  .bind(router_config, {name: llms[name] for name in local_models}, replicas))
     gateway = serve.deployment(Gateway).options(name="Gateway", **config.gateway.replicas.serve_options())
-    return gateway.bind(config, llms, embedders, model_cards(config, sources), knowledge, ocr)
+    return gateway.bind(config, llms, embedders, model_cards(config, sources), knowledge, ocr, router, router_config)
+
+
+def load_router_config(config: AppConfig):
+    """The router config, checked against the served models: local targets must name one, and no
+    route may shadow one (``model`` picks either)."""
+    router = config.router.load(config.paths.root)
+    served = {m.name for m in config.llms} | {e.name for e in config.embedders}
+    problems = [f"router target {t.name!r}: model {t.model!r} is not one of the served llms "
+                f"{sorted(m.name for m in config.llms)}"
+                for t in router.targets if t.kind == "local" and t.model not in {m.name for m in config.llms}]
+    problems += [f"router route {r!r} has the name of a served model; rename one" for r in router.routes if r in served]
+    if problems:
+        raise ConfigError("serve config args: router", problems)
+    return router

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,9 @@ from ray.serve.config import AutoscalingConfig
 from ray_app.config_error import ConfigError
 from ray_app.documents.config import ChunkingConfig, OCRConfig, Sensitivity, StoreConfig
 from ray_app.paths import DataDir
+
+if TYPE_CHECKING:
+    from ray_app.router.config import RouterConfig
 
 __all__ = ["AppConfig", "ConfigError", "EmbedderConfigModel", "GatewayConfig", "LLMConfigModel", "ReplicaSettings",
            "load_serve_config"]
@@ -195,6 +198,29 @@ class KnowledgeConfig(_Strict):
     replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.25))
 
 
+class RouterServeConfig(_Strict):
+    """The smart router (``model: auto`` or another route name), API keys and the spend ledger."""
+
+    config: str | dict[str, Any] = Field(
+        "configs/router.yaml",
+        description="A router config file (ray_app.router.config.RouterConfig), relative to where the app is "
+                    "built, or the same document inline.")
+    replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.1))
+
+    def load(self, data_dir: Path) -> "RouterConfig":
+        """The validated router config, with its data directory and ledger path made absolute here,
+        on the machine that builds the app, so every replica writes the same ledger."""
+        from ray_app.router.config import RouterConfig
+
+        if isinstance(self.config, dict):
+            router = RouterConfig.parse(self.config, "router.config")
+        else:
+            router = RouterConfig.load(self.config)
+        router = router.model_copy(update={"data_dir": router.data_dir or str(data_dir)})
+        keys = router.keys.model_copy(update={"ledger_path": str(router.ledger_path())})
+        return router.model_copy(update={"keys": keys})
+
+
 class AppConfig(_Strict):
     """The serving application (``args`` of the Serve config)."""
 
@@ -206,6 +232,7 @@ class AppConfig(_Strict):
     embedders: list[EmbedderConfigModel] = Field(default_factory=list)
     ocr: OCRServeConfig | None = Field(None, description="Serve OCR (/v1/ocr, scanned uploads); unset: no OCR.")
     knowledge: KnowledgeConfig | None = Field(None, description="Serve retrieval and RAG; unset: none.")
+    router: RouterServeConfig | None = Field(None, description="The smart router and API keys; unset: none.")
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":

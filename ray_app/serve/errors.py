@@ -39,6 +39,18 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def __reduce__(self):
+        # Errors raised inside a deployment (the router) cross a DeploymentHandle pickled; keep every
+        # field, including a per-instance status or code, instead of re-running __init__ with args.
+        return _rebuild_api_error, (type(self), self.__dict__)
+
+
+def _rebuild_api_error(cls: type[APIError], state: dict[str, Any]) -> APIError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, state.get("message", ""))
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidRequestError(APIError):
     status_code = 400
@@ -78,6 +90,24 @@ class EngineUnavailableError(APIError):
     status_code = 503
     type = "service_unavailable"
     code = "engine_unavailable"
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class BudgetExceededError(APIError):
+    status_code = 402
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+
+class RateLimitError(APIError):
+    status_code = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
 
 
 class UpstreamTimeoutError(APIError):

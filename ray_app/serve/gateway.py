@@ -18,7 +18,9 @@ from ray_app.embedder import Embeddings
 from ray_app.serve.adapters import catalog_for
 from ray_app.serve.config import AppConfig
 from ray_app.serve.documents_api import DocumentsService
-from ray_app.serve.openai_api import LLMStream, OpenAIService
+from ray_app.router.config import RouterConfig
+from ray_app.serve.auth import Auth, current_caller
+from ray_app.serve.openai_api import LLMStream, OpenAIService, UsageRecord, log_usage
 from ray_app.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard
 from ray_app.serve.routes import HealthReport, build_api
 from ray_app.serve.system import system_status
@@ -73,6 +75,23 @@ class HandleKnowledge:
         return await self._handle.delete_document.remote(collection, doc_id)
 
 
+class HandleRouter:
+    """A ``RouterBackend`` over the Router deployment."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self._handle = handle
+        self._stream = handle.options(stream=True)
+
+    async def chat(self, request, caller):
+        return await self._handle.chat.remote(request, caller)
+
+    def chat_stream(self, request, caller):
+        return self._stream.chat_stream.remote(request, caller)
+
+    async def health(self) -> dict:
+        return await self._handle.health.remote()
+
+
 class HandleOCR:
     def __init__(self, handle: DeploymentHandle):
         self._handle = handle
@@ -110,8 +129,11 @@ def health_from_status(status: ServeStatus, app_name: str) -> HealthReport:
 class Gateway:
     def __init__(self, config: AppConfig, llms: dict[str, DeploymentHandle],
                  embedders: dict[str, DeploymentHandle], cards: dict[str, ModelCard],
-                 knowledge: DeploymentHandle | None = None, ocr: DeploymentHandle | None = None):
+                 knowledge: DeploymentHandle | None = None, ocr: DeploymentHandle | None = None,
+                 router: DeploymentHandle | None = None, router_config: RouterConfig | None = None):
         self.config = config
+        self.auth = Auth(router_config) if router_config is not None else None
+        self._router = HandleRouter(router) if router is not None else None
         self.app_name = serve.get_replica_context().app_name
         self._deployments = {name: h.deployment_name for name, h in (llms | embedders).items()}
         self._llm_handles = llms
@@ -131,12 +153,22 @@ class Gateway:
                                        ocr_backend=HandleOCR(ocr) if ocr else None),
             adapters={m.name: catalog_for(m.name, m.adapters, str(config.paths.root))
                       for m in config.llms if m.adapters is not None},
+            router=self._router,
+            routes=frozenset(router_config.routes) if router_config is not None else frozenset(),
+            caller=current_caller,
+            on_usage=self._on_usage,
+            on_routed=self.auth.on_routed if self.auth is not None else (lambda info: None),
         )
         self._route_limits = {}
         if config.ocr is not None:
             self._route_limits["/v1/ocr"] = config.ocr.max_request_bytes
         if config.knowledge is not None:
             self._route_limits["/v1/collections"] = config.knowledge.max_upload_bytes
+
+    def _on_usage(self, record: UsageRecord) -> None:
+        log_usage(record)
+        if self.auth is not None:
+            self.auth.on_usage(record)
 
     async def _unavailable(self, model: str) -> str | None:
         deployment, scales_to_zero = self._deployments[model], model in self._scale_to_zero
@@ -166,7 +198,11 @@ class Gateway:
 
     async def health(self) -> HealthReport:
         status = await asyncio.to_thread(serve.status)
-        return health_from_status(status, self.app_name)
+        report = health_from_status(status, self.app_name)
+        if self._router is not None and report.ready:
+            # a failing cloud target is reported, but does not make the app unready: the router routes around it
+            report.targets = await self._router.health()
+        return report
 
     async def system_status(self) -> dict:
         async def models() -> list[dict]:
@@ -177,4 +213,5 @@ class Gateway:
 
     async def __serve_build_asgi_app__(self):
         self._poller = asyncio.get_running_loop().create_task(self._poll_status())
-        return build_api(self.service, self.config.gateway, self.health, self._route_limits, self.system_status)
+        return build_api(self.service, self.config.gateway, self.health, self._route_limits, self.system_status,
+                         auth=self.auth)

@@ -27,6 +27,7 @@ from ray_app.serve.errors import (
     UpstreamTimeoutError,
     from_deployment_failure,
     from_engine_error,
+    root_cause,
     sse_error,
 )
 from ray_app.serve.protocol import (
@@ -71,6 +72,21 @@ class AdapterCatalog(Protocol):
     def model_ids(self) -> list[str]: ...
 
 
+class RouterBackend(Protocol):
+    """The ``Router`` deployment (``ray_app.serve.router.RouterServer``) behind route names like ``auto``."""
+
+    async def chat(self, request: dict[str, Any], caller: dict[str, Any]) -> tuple[dict[str, Any], Any]: ...
+    def chat_stream(self, request: dict[str, Any], caller: dict[str, Any]) -> AsyncIterator[Any]: ...
+
+
+@dataclass
+class WithHeaders:
+    """A response body (or SSE stream) plus headers for the HTTP layer (the router's route and cost)."""
+
+    result: dict | AsyncIterator[str]
+    headers: dict[str, str]
+
+
 class EmbedderBackend(Protocol):
     async def embed(self, texts: list[str]) -> Embeddings: ...
 
@@ -113,6 +129,11 @@ class OpenAIService:
     unavailable: Callable[[str], Awaitable[str | None]] = _always_available
     documents: DocumentsService = field(default_factory=DocumentsService)
     adapters: dict[str, AdapterCatalog] = field(default_factory=dict)  # base model -> its adapters
+    router: RouterBackend | None = None
+    routes: frozenset[str] = frozenset()  # `model` values that go through the router
+    # who is calling: key id, confidentiality, headers (the gateway reads them from ray_app.serve.auth)
+    caller: Callable[[], dict[str, Any]] = dict
+    on_routed: Callable[[Any], None] = lambda info: None  # a routed request finished: RouteInfo with cost
     _known: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +143,7 @@ class OpenAIService:
 
     async def list_models(self) -> ModelList:
         cards = [self.cards[name] for name in self._known]
+        cards += [ModelCard(id=route, kind="route") for route in sorted(self.routes)]
         for base, catalog in self.adapters.items():
             cards += [ModelCard(id=model_id, kind="adapter", parent=base, root=model_id.split(":", 1)[1])
                       for model_id in await asyncio.to_thread(catalog.model_ids)]
@@ -179,7 +201,9 @@ class OpenAIService:
 
     # -- chat and text completions -------------------------------------------------------------
 
-    async def chat(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+    async def chat(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str] | WithHeaders:
+        if self.router is not None and request.model in self.routes:
+            return await self._route(request)
         name, model_id = await self._resolve_llm(request.model, "chat")
         rag = (request.model_extra or {}).pop("rag", None)
         if rag is None:
@@ -187,6 +211,47 @@ class OpenAIService:
         # retrieval-augmented: numbered sources go into the prompt, citations come back with the answer
         request.messages, citations, _ = await self.documents.augment(list(request.messages), rag)
         return await self._generate(name, model_id, request, "chat", extra={"citations": citations})
+
+    async def _route(self, request: ChatCompletionRequest) -> WithHeaders:
+        """A chat whose ``model`` is a route: the router picks the target, falls back, and charges."""
+        caller = self.caller()
+        extra: dict[str, Any] = {}
+        if (rag := (request.model_extra or {}).pop("rag", None)) is not None:
+            request.messages, citations, passages = await self.documents.augment(list(request.messages), rag)
+            # a confidential chunk in the prompt keeps the request on local targets
+            caller["retrieved"] = [getattr(p, "sensitivity", None) or "internal" for p in passages]
+            extra["citations"] = citations
+        body = request.model_dump(mode="json", exclude_unset=True)
+        try:
+            if not request.stream:
+                result, info = await self.router.chat(body, caller)
+                self.on_routed(info)
+                return WithHeaders(result | extra, info.headers())
+            stream = self.router.chat_stream(body, caller)
+            info = await anext(stream)
+        except Exception as exc:  # errors raised in the router arrive wrapped by Ray
+            raise from_deployment_failure(root_cause(exc), "router") from exc
+        return WithHeaders(self._forward_routed(stream, extra), info.headers())
+
+    async def _forward_routed(self, stream: Any, extra: dict[str, Any]) -> AsyncIterator[str]:
+        finished = False
+        try:
+            async for item in stream:
+                if not isinstance(item, str):  # the closing RouteInfo, with the cost
+                    self.on_routed(item)
+                    continue
+                if extra and item.startswith("data: {"):
+                    item = f"data: {json.dumps(json.loads(item[len('data: '):]) | extra)}\n\n"
+                    extra = {}
+                yield item
+            finished = True
+        except Exception as exc:  # the router replica died mid-stream: tell the client in-band
+            finished = True
+            yield sse_error(from_deployment_failure(root_cause(exc), "router"))
+        finally:
+            if not finished and hasattr(stream, "cancel"):
+                stream.cancel()  # the client went away: the router cancels its target's request
+        yield DONE
 
     async def completions(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
         name, model_id = await self._resolve_llm(request.model, "completion")

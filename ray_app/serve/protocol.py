@@ -89,7 +89,7 @@ class ModelCard(BaseModel):
     owned_by: str = "ray_app"
     root: str | None = None
     parent: str | None = None
-    kind: Literal["llm", "embedding", "adapter"] = "llm"
+    kind: Literal["llm", "embedding", "adapter", "route"] = "llm"
     max_model_len: int | None = None
 
 

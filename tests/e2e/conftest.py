@@ -7,6 +7,7 @@ random Llama, served by real vLLM CPU engines behind the real gateway, over HTTP
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import time
@@ -81,6 +82,10 @@ def ray_cluster(data_dir):
 
     # the serving mode the README starts (override by exporting the variable before pytest)
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # Credentials for the loopback stand-ins of the cloud providers, in the environment as in production:
+    # the cluster's workers inherit it. boto3 signs with these (SigV4); the servers never see a real key.
+    os.environ.update({"RAY_APP_TEST_OPENAI_KEY": "sk-loopback", "AWS_ACCESS_KEY_ID": "AKIALOOPBACK",
+                       "AWS_SECRET_ACCESS_KEY": "loopback-secret", "AWS_EC2_METADATA_DISABLED": "true"})
     application = shipped_application()
     port, dashboard_port, metrics_port = free_port(), free_port(), free_port()
     ray.init(
@@ -105,8 +110,59 @@ def mlflow_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
+@dataclass
+class Clouds:
+    """Loopback servers speaking OpenAI's (and Azure's) and Bedrock's wire protocols, recording
+    every request: the router's cloud targets in the e2e app."""
+
+    openai: object
+    bedrock: object
+
+    def reset(self) -> None:
+        self.openai.reset()
+        self.bedrock.reset()
+
+    def bodies(self) -> list[str]:
+        return [json.dumps(r.body) for r in self.openai.requests + self.bedrock.requests]
+
+
 @pytest.fixture(scope="session")
-def served(ray_cluster, mlflow_uri) -> Served:
+def clouds() -> Clouds:
+    from tests.router_servers import BedrockServer, OpenAIServer
+
+    servers = Clouds(OpenAIServer("Hello from the OpenAI stand-in").start(),
+                     BedrockServer("Hello from the Bedrock stand-in").start())
+    yield servers
+    servers.openai.stop()
+    servers.bedrock.stop()
+
+
+def router_config(clouds: Clouds, ledger: Path) -> dict:
+    """configs/router.yaml's local target and routes, with the cloud targets on loopback."""
+    shipped = yaml.safe_load((ROOT / "configs" / "router.yaml").read_text())
+    cloud = {"price_in_per_mtok": 1.0, "price_out_per_mtok": 2.0, "context_window": 16000, "quality": 7,
+             "capabilities": ["chat", "code", "math", "summarize", "multilingual"], "timeout_s": 10,
+             "max_retries": 1}
+    targets = [t for t in shipped["targets"] if t["kind"] == "local"] + [
+        cloud | {"name": "openai-loop", "kind": "openai", "model": "gpt-loop", "base_url": clouds.openai.url + "/v1",
+                 "api_key_env": "RAY_APP_TEST_OPENAI_KEY"},
+        cloud | {"name": "azure-loop", "kind": "azure", "model": "gpt-deploy", "base_url": clouds.openai.url,
+                 "api_version": "2024-10-21", "api_key_env": "RAY_APP_TEST_OPENAI_KEY"},
+        cloud | {"name": "bedrock-loop", "kind": "bedrock", "model": "anthropic.claude-loop", "region": "us-east-1",
+                 "endpoint_url": clouds.bedrock.url, "price_in_per_mtok": 3.0, "price_out_per_mtok": 4.0},
+    ]
+    local = [t["name"] for t in targets if t["kind"] == "local"]
+    return {"targets": targets,
+            "routes": {"auto": {"targets": local + ["openai-loop", "bedrock-loop"]},
+                       "cloud": {"targets": ["openai-loop", "bedrock-loop"], "prefer": "order"},
+                       "azure": {"targets": ["azure-loop"]},
+                       "private": {"targets": local, "allow_cloud": False}},
+            "policy": {"breaker": {"failure_threshold": 3, "cooldown_s": 2}},
+            "keys": {"ledger_path": str(ledger), "default_rpm": 600}}
+
+
+@pytest.fixture(scope="session")
+def served(ray_cluster, mlflow_uri, clouds, tmp_path_factory) -> Served:
     from ray import serve
 
     from ray_app.serve.app import build_app
@@ -116,6 +172,7 @@ def served(ray_cluster, mlflow_uri) -> Served:
     # promotion shows within the test
     args["llms"].append(copy.deepcopy(TINY) | {"adapters": {"registry_uri": mlflow_uri, "max_per_replica": 2,
                                                             "max_rank": 16, "refresh_s": 0.5}})
+    args["router"]["config"] = router_config(clouds, tmp_path_factory.mktemp("router") / "ledger.sqlite")
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     base_url = f"http://127.0.0.1:{ray_cluster.http_port}"
     wait_for(base_url + "/health")

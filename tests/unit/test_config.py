@@ -137,3 +137,23 @@ def test_config_is_not_mutated_by_translation():
 def test_every_shipped_serve_config_validates(path):
     apps = load_serve_config(path)
     assert apps and all(config.llms or config.embedders for _, config in apps)
+
+
+def test_the_router_config_is_checked_against_the_served_models(monkeypatch, tmp_path):
+    from ray_app.serve.app import load_router_config
+
+    monkeypatch.chdir(ROOT)  # the shipped config names configs/router.yaml relative to the repo
+    config = AppConfig.load(shipped_args() | {"data_dir": str(tmp_path)})
+    router = load_router_config(config)
+    assert set(router.routes) >= {"auto", "private"}
+    assert router.ledger_path() == tmp_path.resolve() / "router" / "ledger.sqlite"  # absolute, fixed at build
+
+    document = yaml.safe_load((ROOT / "configs" / "router.yaml").read_text())
+    document["targets"][0]["model"] = "not-served"
+    document["routes"]["all-minilm-l6-v2"] = {"targets": ["openai-mini"]}
+    broken = AppConfig.load(shipped_args() | {"router": {"config": document}})
+    with pytest.raises(ConfigError) as exc:
+        load_router_config(broken)
+    assert len(exc.value.problems) == 2
+    assert "'not-served' is not one of the served llms" in str(exc.value)
+    assert "route 'all-minilm-l6-v2' has the name of a served model" in str(exc.value)

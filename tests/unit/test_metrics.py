@@ -20,8 +20,13 @@ def test_zero_counts_are_recorded_without_error(in_ray):
     metrics.record_ingest("handbook", "failed", 0)
     metrics.record_error(400, None)
     metrics.record_train_step("run", 0, 2.5, 0.0)
+    metrics.record_route("auto", "-", "upstream_error", 0.0)  # a failed request costs nothing
+    metrics.record_route("auto", "local-small", "ok", 1.2e-5)
 
 
-def test_outside_ray_recording_is_a_no_op():
+def test_outside_ray_recording_is_a_no_op(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the e2e session's Ray may be up
     assert metrics._get("requests") is None
     metrics.record_request("m", "chat", 0, 0, 0.0, None)
