@@ -11,6 +11,7 @@ stream's last event) is handed back.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -145,11 +146,12 @@ class RouterService:
         usage = usage or {}
         return cloud_cost(target, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
 
-    def _record(self, key_id: str | None, info: RouteInfo, usage: Mapping[str, Any] | None, cost: float,
-                started: float, status: str) -> None:
+    async def _record(self, key_id: str | None, info: RouteInfo, usage: Mapping[str, Any] | None, cost: float,
+                      started: float, status: str) -> None:
         usage = usage or {}
         record_route(info.route, info.target, status, cost)
-        self.ledger.record(LedgerEntry(
+        # durable (fsync) before the caller answers, without stalling the other requests on this loop
+        await asyncio.to_thread(self.ledger.record, LedgerEntry(
             key_id=key_id, route=info.route, target=info.target, model=info.model,
             prompt_tokens=int(usage.get("prompt_tokens", 0)), completion_tokens=int(usage.get("completion_tokens", 0)),
             cost_usd=cost, latency_s=self._clock() - started, status=status))
@@ -178,18 +180,20 @@ class RouterService:
             attempt_started = self._clock()
             try:
                 body = await self.providers[target.name].chat(request)
-            except ProviderError as e:
+            except BaseException as e:  # a cancelled request (client gone) must release its share too
                 if share is not None:
                     self._shares[target.name].stop(share)
+                if not isinstance(e, ProviderError):
+                    raise
                 self._failed(target, e, failures)
                 continue
             replica_s = self._shares[target.name].stop(share) if share is not None else 0.0
             self.health[target.name].record(True, self._clock() - attempt_started)
             info = RouteInfo(decision.route, target.name, target.model, decision.reasons, failures)
             info.cost_usd, info.usage = self._cost(target, body.get("usage"), replica_s), body.get("usage")
-            self._record(key_id, info, body.get("usage"), info.cost_usd, started, "ok")
+            await self._record(key_id, info, body.get("usage"), info.cost_usd, started, "ok")
             return Routed(info, body)
-        self._record_failure(key_id, decision, started)
+        await self._record_failure(key_id, decision, started)
         raise AllTargetsFailed(decision.route, failures)
 
     async def stream(self, request: dict[str, Any], *, features: RequestFeatures,
@@ -204,7 +208,9 @@ class RouterService:
             attempt_started = self._clock()
             chunks = self.providers[target.name].stream(request)
             usage: dict[str, Any] | None = None
-            status = "incomplete"  # the client went away before the end
+            info: RouteInfo | None = None
+            charged = False
+            status = "incomplete"  # until the stream ends: the client may go away first
             try:
                 try:
                     first = await anext(chunks)
@@ -227,22 +233,30 @@ class RouterService:
                     status = "upstream_error"
                     self.health[target.name].record(False)
                     yield {"error": {"message": str(e), "status": e.status or 502}}
-                replica_s = self._shares[target.name].stop(share) if share is not None else 0.0
-                share = None
-                info.cost_usd, info.usage = self._cost(target, usage, replica_s), usage
-                self._record(key_id, info, usage, info.cost_usd, started, status)
+                charged = True
+                await self._charge(key_id, info, target, usage, share, started, status)
                 yield {"done": info}
                 return
             finally:
-                if share is not None:
-                    self._shares[target.name].stop(share)
                 await chunks.aclose()
-        self._record_failure(key_id, decision, started)
+                if not charged:
+                    if info is not None:  # the client left mid-stream: what was used is still charged
+                        charged = True
+                        await self._charge(key_id, info, target, usage, share, started, status)
+                    elif share is not None:  # the target failed before its first chunk
+                        self._shares[target.name].stop(share)
+        await self._record_failure(key_id, decision, started)
         raise AllTargetsFailed(decision.route, failures)
 
-    def _record_failure(self, key_id: str | None, decision: Decision, started: float) -> None:
+    async def _charge(self, key_id: str | None, info: RouteInfo, target: Target, usage: dict[str, Any] | None,
+                      share: int | None, started: float, status: str) -> None:
+        replica_s = self._shares[target.name].stop(share) if share is not None else 0.0
+        info.cost_usd, info.usage = self._cost(target, usage, replica_s), usage
+        await self._record(key_id, info, usage, info.cost_usd, started, status)
+
+    async def _record_failure(self, key_id: str | None, decision: Decision, started: float) -> None:
         info = RouteInfo(decision.route, "-", "-", decision.reasons)
-        self._record(key_id, info, None, 0.0, started, "upstream_error")
+        await self._record(key_id, info, None, 0.0, started, "upstream_error")
 
     # -- reporting -----------------------------------------------------------------------------
 

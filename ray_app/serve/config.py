@@ -205,7 +205,9 @@ class RouterServeConfig(_Strict):
         "configs/router.yaml",
         description="A router config file (ray_app.router.config.RouterConfig), relative to where the app is "
                     "built, or the same document inline.")
-    replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.1))
+    # No CPU reserved: the router waits on I/O and decides in microseconds, and a laptop's two CPUs are
+    # already spoken for by the engine and the other replicas (a reservation here left the Gateway unplaced).
+    replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.0))
 
     def load(self, data_dir: Path) -> "RouterConfig":
         """The validated router config, with its data directory and ledger path made absolute here,

@@ -152,6 +152,8 @@ class OpenAIService:
     async def get_model(self, model: str) -> ModelCard:
         if model in self.cards:
             return self.cards[model]
+        if model in self.routes:
+            return ModelCard(id=model, kind="route")
         if ":" in model:
             _, model_id = await self._resolve_adapter(model)
             base, pinned = model_id.split(":", 1)

@@ -32,11 +32,14 @@ def aclient(served) -> openai.AsyncOpenAI:
 
 def test_models_and_health(served, client):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {SMOL, TINY, EMBED}
+    routes = {name for name, m in models.items() if m.model_extra["kind"] == "route"}
+    assert set(models) - routes == {SMOL, TINY, EMBED} and "auto" in routes
     assert client.models.retrieve(TINY).id == TINY
+    assert client.models.retrieve("auto").model_extra["kind"] == "route"
     health = httpx.get(served.base_url + "/health").json()
     assert health["status"] == "ok"
-    assert set(health["deployments"]) == {"Gateway", f"LLM:{SMOL}", f"LLM:{TINY}", f"Embedder:{EMBED}", "OCR", "Knowledge"}
+    assert set(health["deployments"]) == {"Gateway", f"LLM:{SMOL}", f"LLM:{TINY}", f"Embedder:{EMBED}", "OCR", "Knowledge",
+                                          "Router"}
     assert set(health["deployments"].values()) == {"HEALTHY"}
 
 

@@ -237,3 +237,34 @@ def test_targets_without_a_provider_are_reported_not_routed(ledger, clock):
     assert report["cloud-a"] == {"status": "unavailable", "detail": "environment variable K is not set"}
     assert report["local"]["status"] == "ok"
     assert router.decide(router.features(request())).chain == ["local"]
+
+
+async def test_a_client_leaving_mid_stream_is_charged_for_what_it_used_and_frees_its_share(ledger, clock):
+    local = Scripted("local", clock, takes_s=2.0)
+    router = make(ledger, clock, local=local)
+    body = request(stream=True)
+    stream = router.stream(body, features=router.features(body), key_id="quitter")
+    assert "route" in await anext(stream)
+    await anext(stream)  # one chunk, then the client goes away
+    await stream.aclose()
+    [row] = ledger.usage(group_by=("key", "status"))
+    assert row["key"] == "quitter" and row["status"] == "incomplete"
+    assert row["cost_usd"] == pytest.approx(2.0 * 3.6 / 3600)  # the replica time it held
+    assert not router._shares["local"]._active
+
+
+async def test_a_cancelled_request_frees_its_replica_share(ledger, clock):
+    import asyncio
+
+    class Hanging(Scripted):
+        async def _chat_once(self, request):
+            await asyncio.sleep(3600)
+
+    router = make(ledger, clock, local=Hanging("local", clock))
+    body = request()
+    task = asyncio.ensure_future(router.chat(body, features=router.features(body)))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not router._shares["local"]._active

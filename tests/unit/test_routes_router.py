@@ -115,6 +115,7 @@ async def test_a_route_name_goes_to_the_router_with_route_and_cost_headers(h: Ha
     assert len(h.router.calls) == 1
     models = {m.id: m.kind for m in (await h.client().models.list()).data}
     assert models["auto"] == "route" and models["fake-llm"] == "llm"
+    assert (await h.client().models.retrieve("auto")).model_extra["kind"] == "route"
 
 
 async def test_a_routed_stream_carries_the_route_headers_and_ends_with_done(h: Harness):
