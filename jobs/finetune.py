@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from ray_app.config_error import ConfigError
+from ray_app.schema import ConfigError
 from ray_app.training.config import TrainConfig
 from ray_app.training.data import DatasetError
 from ray_app.training.finetune import run_training

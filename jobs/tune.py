@@ -10,7 +10,7 @@ import sys
 
 from finetune import parse_overrides
 
-from ray_app.config_error import ConfigError
+from ray_app.schema import ConfigError
 from ray_app.training.config import TuneConfig
 from ray_app.training.data import DatasetError
 from ray_app.training.search import run_search

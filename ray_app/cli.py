@@ -124,7 +124,7 @@ def ingest(
     import json
     import time
 
-    from ray_app.config_error import ConfigError
+    from ray_app.schema import ConfigError
     from ray_app.documents.pipeline import run_ingest
 
     if sensitivity not in (None, "public", "internal", "confidential"):
@@ -199,16 +199,14 @@ def collection_delete_doc(
     config: IngestConfigOption = None, address: AddressOption = None, data_dir: DataDirOption = None,
 ) -> None:
     """Remove a document (all its chunks) from a collection."""
-    import uuid
-
-    from ray_app.documents.sources import DOC_NAMESPACE
+    from ray_app.documents.sources import document_id
 
     store = _store(config, data_dir, address)
     doc_id = document
     if Path(document).exists():
-        doc_id = str(uuid.uuid5(DOC_NAMESPACE, Path(document).resolve().as_uri()))
+        doc_id = document_id(Path(document).resolve().as_uri())
     elif "://" in document:
-        doc_id = str(uuid.uuid5(DOC_NAMESPACE, document))
+        doc_id = document_id(document)
     deleted = store.delete_document(collection, doc_id)
     if not deleted:
         console.print(f"[red]no document {document!r} in {collection!r}[/]")
@@ -309,42 +307,32 @@ def adapters_rollback(name: str, registry: RegistryOption = None, data_dir: Data
         raise typer.Exit(1)
     console.print(f"[green]{name}@champion[/] -> version {version.version}")
 
-RouterConfigOption = Annotated[
-    Path, typer.Option("--router-config", help="Router config (keys, budgets, where the ledger lives).")]
+ServeConfigOption = Annotated[
+    Path, typer.Option("--config", help="The Serve config whose `auth` says where the key and spend ledger is.")]
 
 
-def _router_config(path: Path, data_dir: Path | None):
-    from ray_app.config_error import ConfigError
-    from ray_app.router.config import RouterConfig
+def _ledger_path(config: Path, data_dir: Path | None):
+    """The ledger file of the (first) ray_app application in a Serve config."""
+    from ray_app.schema import ConfigError
+    from ray_app.serve.config import load_serve_config
 
-    if not path.is_file():
-        console.print(f"[red]error:[/] router config {path} not found (see --router-config)")
+    if not config.is_file():
+        console.print(f"[red]error:[/] Serve config {config} not found (see --config)")
         raise typer.Exit(1)
     try:
-        config = RouterConfig.load(path)
+        _, app_config = load_serve_config(config)[0]
     except ConfigError as e:
         console.print(f"[red]invalid:[/] {e}")
         raise typer.Exit(1)
-    return config.model_copy(update={"data_dir": str(data_dir)}) if data_dir else config
+    if data_dir is not None:
+        app_config = app_config.model_copy(update={"data_dir": str(data_dir)})
+    return app_config.auth.ledger_file(app_config.paths), app_config.auth
 
 
 def _utc(ts: float | None, fmt: str = "%Y-%m-%d") -> str | None:
     from datetime import UTC, datetime
 
     return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime(fmt)
-
-
-def _utc_day(value: str | None, option: str) -> float | None:
-    """The Unix time a YYYY-MM-DD UTC day starts."""
-    from datetime import UTC, datetime
-
-    if value is None:
-        return None
-    try:
-        return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        console.print(f"[red]error:[/] {option} {value!r}: expected a date as YYYY-MM-DD (UTC)")
-        raise typer.Exit(1)
 
 
 @keys_app.command("create")
@@ -356,20 +344,41 @@ def keys_create(
     tpm: Annotated[Optional[int], typer.Option("--tpm", min=1, help="Tokens per minute (default: config).")] = None,
     confidential: Annotated[bool, typer.Option(
         "--confidential", help="Keep every request made with this key on local targets.")] = False,
-    router_config: RouterConfigOption = Path("configs/router.yaml"),
+    admin: Annotated[bool, typer.Option(
+        "--admin", help="May delete documents, create and drop collections, read the cluster status and "
+                        "everyone's usage.")] = False,
+    read: Annotated[Optional[list[str]], typer.Option(
+        "--read", help="Collections it may retrieve from (repeat or comma-separate; '*' for all; default all).")] = None,
+    write: Annotated[Optional[list[str]], typer.Option(
+        "--write", help="Collections it may upload to (repeat or comma-separate; '*' for all; default none).")] = None,
+    clearance: Annotated[str, typer.Option(
+        "--clearance", help="The most sensitive label it may retrieve: public, internal or confidential.")] = "internal",
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="max_tokens cap per request.")] = None,
+    max_n: Annotated[Optional[int], typer.Option("--max-n", min=1, help="Choices (n) cap per request.")] = None,
+    max_request_usd: Annotated[Optional[float], typer.Option(
+        "--max-request-usd", min=0, help="Refuse (or route cheaper) a request that may cost more.")] = None,
+    capture: Annotated[bool, typer.Option(
+        "--capture", help="Keep this key's chats as training conversations (opt-in).")] = False,
+    config: ServeConfigOption = Path("serve_config.yaml"),
     data_dir: DataDirOption = None,
 ) -> None:
     """Create an API key; its secret is printed once and cannot be shown again."""
     from contextlib import closing
 
-    from ray_app.router.keys import KeyStore
+    from ray_app.accounting.keys import KeyStore, Scopes, parse_collections
+    from ray_app.sensitivity import LEVELS
 
     if not name.strip():
         console.print("[red]error:[/] the key name must not be empty")
         raise typer.Exit(1)
-    config = _router_config(router_config, data_dir)
-    with closing(KeyStore(config.ledger_path())) as store:
-        new = store.create(name, budget_usd=budget, rpm=rpm, tpm=tpm, confidential=confidential)
+    if clearance not in LEVELS:
+        raise typer.BadParameter(", ".join(LEVELS), param_hint="--clearance")
+    scopes = Scopes(admin=admin, read=parse_collections(read) if read else ("*",),
+                    write=parse_collections(write or []), clearance=clearance)
+    ledger, _ = _ledger_path(config, data_dir)
+    with closing(KeyStore(ledger)) as store:
+        new = store.create(name, budget_usd=budget, rpm=rpm, tpm=tpm, confidential=confidential, scopes=scopes,
+                           max_tokens=max_tokens, max_n=max_n, max_request_usd=max_request_usd, capture=capture)
     # Plain echo, not rich: the secret must come out byte for byte.
     typer.echo(f"key_id: {new.record.key_id}")
     typer.echo(f"name:   {new.record.name}")
@@ -392,24 +401,33 @@ def _limit(own: float | None, default: float | None, fmt: str = "{}") -> str:
     return "none" if default is None else "default " + fmt.format(default)
 
 
+def _scopes_text(scopes) -> str:
+    parts = ["admin"] if scopes.admin else []
+    parts.append("read " + ",".join(scopes.read))
+    if scopes.write:
+        parts.append("write " + ",".join(scopes.write))
+    parts.append(f"clearance {scopes.clearance}")
+    return "; ".join(parts)
+
+
 @keys_app.command("list")
 def keys_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
-    router_config: RouterConfigOption = Path("configs/router.yaml"),
+    config: ServeConfigOption = Path("serve_config.yaml"),
     data_dir: DataDirOption = None,
 ) -> None:
-    """API keys with their limits and their spend this budget period (never secrets)."""
+    """API keys with their scopes, limits and their spend this budget period (never secrets)."""
     import json
-    import time
     from contextlib import closing
+    from dataclasses import asdict
 
-    from ray_app.router.keys import KeyStore, Quotas
-    from ray_app.router.ledger import Ledger
+    from ray_app.accounting.keys import KeyStore
+    from ray_app.accounting.ledger import Ledger
+    from ray_app.accounting.recorder import SpendRecorder
 
-    config = _router_config(router_config, data_dir)
-    defaults = config.keys
-    with closing(KeyStore(config.ledger_path())) as store, Ledger(config.ledger_path()) as ledger:
-        period_start = Quotas(ledger, defaults).period_start(time.time())
+    path, auth = _ledger_path(config, data_dir)
+    with closing(KeyStore(path)) as store, Ledger(path) as ledger:
+        period_start = SpendRecorder(auth, ledger).period_start()
         keys = [(k, ledger.spend(k.key_id, since=period_start)) for k in store.list()]
     if as_json:
         print(json.dumps([{
@@ -418,25 +436,27 @@ def keys_list(
             "revoked_at": _utc(k.revoked_at, "%Y-%m-%dT%H:%M:%SZ"),
             # Own settings (null: the config default) and what is enforced.
             "budget_usd": k.budget_usd, "rpm": k.rpm, "tpm": k.tpm,
-            "effective_budget_usd": k.budget_usd if k.budget_usd is not None else defaults.default_budget_usd,
-            "effective_rpm": k.rpm if k.rpm is not None else defaults.default_rpm,
-            "effective_tpm": k.tpm if k.tpm is not None else defaults.default_tpm,
-            "confidential": k.confidential, "budget_period": defaults.budget_period,
-            "period_start": _utc(period_start), "spend_usd": spent,
+            "effective_budget_usd": k.budget_usd if k.budget_usd is not None else auth.default_budget_usd,
+            "effective_rpm": k.rpm if k.rpm is not None else auth.default_rpm,
+            "effective_tpm": k.tpm if k.tpm is not None else auth.default_tpm,
+            "confidential": k.confidential, "scopes": asdict(k.scopes), "max_tokens": k.max_tokens,
+            "max_n": k.max_n, "max_request_usd": k.max_request_usd, "capture": k.capture,
+            "budget_period": auth.budget_period, "period_start": _utc(period_start), "spend_usd": spent,
         } for k, spent in keys], indent=2))
         return
-    table = Table(title=f"API keys (spend since {_utc(period_start)}, budget period: {defaults.budget_period})")
+    table = Table(title=f"API keys (spend since {_utc(period_start)}, budget period: {auth.budget_period}, "
+                        f"auth mode: {auth.mode})")
     table.add_column("key_id", no_wrap=True)
     table.add_column("name", overflow="fold")
     table.add_column("created", no_wrap=True)
-    for column in ("status", "budget", "rpm", "tpm", "confidential"):
+    for column in ("status", "scopes", "budget", "rpm", "tpm", "confidential"):
         table.add_column(column, overflow="fold")
     table.add_column("spend", justify="right", no_wrap=True)
     for k, spent in keys:
         status = "active" if k.revoked_at is None else f"revoked {_utc(k.revoked_at)}"
-        table.add_row(k.key_id, k.name, _utc(k.created_at), status,
-                      _limit(k.budget_usd, defaults.default_budget_usd, "${:.2f}"),
-                      _limit(k.rpm, defaults.default_rpm), _limit(k.tpm, defaults.default_tpm),
+        table.add_row(k.key_id, k.name, _utc(k.created_at), status, _scopes_text(k.scopes),
+                      _limit(k.budget_usd, auth.default_budget_usd, "${:.2f}"),
+                      _limit(k.rpm, auth.default_rpm), _limit(k.tpm, auth.default_tpm),
                       "yes" if k.confidential else "no", f"${spent:.4f}")
     _print_table(table)
     if not keys:
@@ -446,19 +466,19 @@ def keys_list(
 @keys_app.command("revoke")
 def keys_revoke(
     key_id: Annotated[str, typer.Argument(help="The key's id, as `ray-app keys list` shows it.")],
-    router_config: RouterConfigOption = Path("configs/router.yaml"),
+    config: ServeConfigOption = Path("serve_config.yaml"),
     data_dir: DataDirOption = None,
 ) -> None:
     """Revoke an API key: requests with it are refused from now on."""
     from contextlib import closing
 
-    from ray_app.router.keys import KeyStore
+    from ray_app.accounting.keys import KeyStore
 
-    config = _router_config(router_config, data_dir)
-    with closing(KeyStore(config.ledger_path())) as store:
+    path, _ = _ledger_path(config, data_dir)
+    with closing(KeyStore(path)) as store:
         record = store.get(key_id)
         if record is None:
-            console.print(f"[red]error:[/] no key {key_id!r} in {config.ledger_path()} (see `ray-app keys list`)")
+            console.print(f"[red]error:[/] no key {key_id!r} in {path} (see `ray-app keys list`)")
             raise typer.Exit(1)
         if record.revoked_at is not None:
             console.print(f"key {key_id} ({record.name}) was already revoked on {_utc(record.revoked_at)}")
@@ -476,36 +496,29 @@ def usage(
         "--group-by", help="Comma-separated: key, model, day, route, target, status ('' for totals only).")
     ] = "key,model,day",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: the rows and the total.")] = False,
-    router_config: RouterConfigOption = Path("configs/router.yaml"),
+    config: ServeConfigOption = Path("serve_config.yaml"),
     data_dir: DataDirOption = None,
 ) -> None:
-    """Requests, tokens and cost from the router's spend ledger, grouped, with a total."""
+    """Requests, tokens and cost from the spend ledger, grouped, with a total."""
     import json
-    from typing import get_args
 
-    from ray_app.router.ledger import GroupBy, Ledger
+    from ray_app.accounting.ledger import Ledger
+    from ray_app.accounting.usage import MEASURES, UsageError, UsageQuery
 
-    choices = get_args(GroupBy)
-    groups = list(dict.fromkeys(g.strip() for g in group_by.split(",") if g.strip()))
-    unknown = [g for g in groups if g not in choices]
-    if unknown:
-        console.print(f"[red]error:[/] --group-by: unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+    try:
+        query = UsageQuery.parse(since, until, group_by, key)
+    except UsageError as e:
+        console.print(f"[red]error:[/] --{e.param.replace('_', '-')}: {e}")
         raise typer.Exit(1)
-    start = _utc_day(since, "--since")
-    end = _utc_day(until, "--until")
-    end = None if end is None else end + 86400  # --until is inclusive; the ledger's bound is not
-    if start is not None and end is not None and start >= end:
-        console.print(f"[red]error:[/] --since {since} is after --until {until}")
-        raise typer.Exit(1)
-    config = _router_config(router_config, data_dir)
-    with Ledger(config.ledger_path()) as ledger:
-        rows = ledger.usage(key_id=key, since=start, until=end, group_by=groups)
-    measures = ("requests", "prompt_tokens", "completion_tokens", "cost_usd")
-    total = {m: sum(row[m] for row in rows) for m in measures}
+    path, _ = _ledger_path(config, data_dir)
+    with Ledger(path) as ledger:
+        result = query.run(ledger)
+    rows, total, groups = result["data"], result["total"], list(query.group_by)
     if as_json:
         print(json.dumps({"group_by": groups, "key": key, "since": since, "until": until,
                           "rows": rows, "total": total}, indent=2))
         return
+
     def cell(measure: str, value: float) -> str:
         return f"{value:.4f}" if measure == "cost_usd" else str(value)
 
@@ -516,11 +529,11 @@ def usage(
     table = Table(show_footer=bool(groups))
     for i, g in enumerate(groups):
         table.add_column(g, footer="total" if i == 0 else "", no_wrap=g == "key", overflow="fold")
-    for measure, header in zip(measures, ("requests", "prompt tokens", "completion tokens", "cost (USD)")):
+    for measure, header in zip(MEASURES, ("requests", "prompt tokens", "completion tokens", "cost (USD)")):
         table.add_column(header, footer=cell(measure, total[measure]), justify="right", overflow="fold")
     for row in rows:
         table.add_row(*("-" if row[g] is None else str(row[g]) for g in groups),
-                      *(cell(m, row[m]) for m in measures))
+                      *(cell(m, row[m]) for m in MEASURES))
     _print_table(table)
 
 

@@ -26,9 +26,9 @@ def _metrics():
         "ingest_files": Counter("ray_app_ingest_files_total", "Files through ingestion, by outcome.",
                                 ("collection", "status")),
         "ingest_chunks": Counter("ray_app_ingest_chunks_total", "Chunks written by ingestion.", ("collection",)),
-        "routed": Counter("ray_app_routed_requests_total", "Requests through the smart router, by outcome.",
-                          ("route", "target", "status")),
-        "spend": Counter("ray_app_spend_usd_total", "USD charged by the smart router.", ("route", "target")),
+        "routed": Counter("ray_app_routed_requests_total", "Requests by route (direct for a named model), "
+                          "target and outcome.", ("route", "target", "status")),
+        "spend": Counter("ray_app_spend_usd_total", "USD charged to callers.", ("route", "target")),
         "train_step": Gauge("ray_app_train_step", "The latest optimizer step of a training run.", ("run",)),
         "train_loss": Gauge("ray_app_train_loss", "The latest training loss of a run.", ("run",)),
         "train_tokens_per_s": Gauge("ray_app_train_tokens_per_second", "Training throughput.", ("run",)),
@@ -70,7 +70,7 @@ def record_ingest(collection: str, status: str, chunks: int) -> None:
         _add("ingest_chunks", chunks, {"collection": collection})
 
 
-def record_route(route: str, target: str, status: str, cost_usd: float) -> None:
+def record_spend(route: str, target: str, status: str, cost_usd: float) -> None:
     if (routed := _get("routed")) is not None:
         routed.inc(1, {"route": route, "target": target, "status": status})
         _add("spend", cost_usd, {"route": route, "target": target})

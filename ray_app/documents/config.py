@@ -7,21 +7,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from ray_app.config_error import ConfigError
 from ray_app.paths import DataDir
+from ray_app.schema import Strict, load_yaml, parse
+from ray_app.sensitivity import Sensitivity
 
-Sensitivity = Literal["public", "internal", "confidential"]
-SENSITIVITY_ORDER: dict[str, int] = {"public": 0, "internal": 1, "confidential": 2}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["ChunkingConfig", "DocumentLimits", "IngestConfig", "OCRConfig", "Sensitivity", "SensitivityRule",
+           "StageResources", "StoreConfig"]
 
 
-class ChunkingConfig(_Strict):
+class DocumentLimits(Strict):
+    """What one document may make the parser and OCR do; over a limit, the file is refused with a code
+    (``too_many_pages``, ``too_large``) and nothing else is affected. The defaults fit a 24 GiB machine."""
+
+    max_pages: PositiveInt = Field(2000, description="PDF pages (and image frames) read from one document.")
+    max_frames: PositiveInt = Field(100, description="Frames of a multi-frame image (TIFF, GIF).")
+    max_page_pixels: PositiveInt = Field(
+        40_000_000, description="Pixels of one rendered PDF page (at the OCR dpi) or one image frame; A1 at "
+                                "200 dpi is 31 M.")
+    max_inflated_bytes: PositiveInt = Field(
+        256 * 1024 * 1024, description="Bytes a DOCX (a zip) may inflate to, all its members together.")
+    max_archive_members: PositiveInt = Field(5000, description="Members of a DOCX zip.")
+    max_chunks: PositiveInt = Field(20_000, description="Chunks one document may produce.")
+    ocr_page_timeout_s: PositiveFloat = Field(120.0, description="Tesseract's time for one page.")
+
+
+class ChunkingConfig(Strict):
     """Chunks are counted in tokens of the embedder's own tokenizer."""
 
     max_tokens: PositiveInt | None = Field(
@@ -41,7 +53,7 @@ class ChunkingConfig(_Strict):
         return size, overlap
 
 
-class OCRConfig(_Strict):
+class OCRConfig(Strict):
     """Tesseract (Debian's tesseract-ocr), used for images and for PDF pages without a text layer."""
 
     languages: str = Field("eng", description="Tesseract language packs, e.g. 'eng' or 'eng+deu'.")
@@ -54,7 +66,7 @@ class OCRConfig(_Strict):
     threads: PositiveInt = Field(1, description="OMP_THREAD_LIMIT for tesseract (1 was fastest per page here).")
 
 
-class StoreConfig(_Strict):
+class StoreConfig(Strict):
     """Where collections live: Qdrant's embedded engine (Edge) or a Qdrant server."""
 
     backend: Literal["edge", "qdrant"] = Field(
@@ -74,7 +86,7 @@ class StoreConfig(_Strict):
         return self
 
 
-class StageResources(_Strict):
+class StageResources(Strict):
     """Resources of one Ray Data stage (a task or actor pool)."""
 
     concurrency: PositiveInt = Field(1, description="Tasks/actors running the stage at once.")
@@ -86,12 +98,12 @@ class StageResources(_Strict):
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "batch_size": self.batch_size}
 
 
-class SensitivityRule(_Strict):
+class SensitivityRule(Strict):
     pattern: str = Field(description="Glob on the path relative to the ingest root, e.g. 'hr/**' or '*.eml'.")
     sensitivity: Sensitivity
 
 
-class IngestConfig(_Strict):
+class IngestConfig(Strict):
     """An ingest run: ``ray-app ingest`` and ``jobs/ingest.py``."""
 
     data_dir: str | None = None
@@ -102,6 +114,7 @@ class IngestConfig(_Strict):
     ocr: OCRConfig = Field(default_factory=OCRConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     max_file_bytes: PositiveInt = Field(50 * 1024 * 1024, description="Larger files are refused.")
+    limits: DocumentLimits = Field(default_factory=DocumentLimits)
     default_sensitivity: Sensitivity = "internal"
     sensitivity_rules: list[SensitivityRule] = Field(
         default_factory=list, description="First matching rule wins; else the command's label, else the default.")
@@ -116,9 +129,5 @@ class IngestConfig(_Strict):
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "IngestConfig":
-        data = yaml.safe_load(Path(path).read_text()) if path else {}
-        data = {**(data or {}), **(overrides or {})}
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError.from_validation_error(str(path or "ingest config"), e) from None
+        data = load_yaml(path) if path else {}
+        return parse(cls, {**data, **(overrides or {})}, str(path or "ingest config"))

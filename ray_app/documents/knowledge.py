@@ -4,24 +4,27 @@ Retrieval (``/v1/retrieve``), retrieval-augmented chat (numbered sources in the 
 the response), single-file uploads (the same parse -> OCR -> chunk -> embed steps as the pipeline), and
 collection administration. Its heavy parts are injected: the store (the cluster's store actor, or a
 local store in tests), the embedder and OCR (Serve handles, or local objects in tests).
+
+An upload's chunks are embedded in small batches, so the queries of other requests get the embedder
+between them; the same bytes uploaded with another label relabel the document in place.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
 import numpy as np
 
 from ray_app.documents.chunk import TokenChunker
-from ray_app.documents.config import OCRConfig, Sensitivity
+from ray_app.documents.config import DocumentLimits, OCRConfig, Sensitivity
 from ray_app.documents.parse import DocumentParser, Element, ParsedDocument, RefusedFile
 from ray_app.documents.pipeline import ingest_fingerprint
 from ray_app.documents.processing import DocMeta, build_records
 from ray_app.documents.report import FileOutcome
 from ray_app.documents.retrieval import Passage, RetrievalOptions, Retriever, rag_messages
-from ray_app.documents.sources import DOC_NAMESPACE, content_hash
+from ray_app.documents.sources import content_hash, document_id
 from ray_app.documents.sparse import SparseEncoder
 from ray_app.documents.store import SearchHit, VectorStore
 from ray_app.embedder import Embeddings
@@ -32,21 +35,33 @@ class AsyncStore(Protocol):
     async def collection(self, name: str) -> Any: ...
     async def document(self, name: str, doc_id: str) -> dict | None: ...
     async def replace_document(self, name: str, doc_id: str, records: list) -> None: ...
+    async def set_sensitivity(self, name: str, doc_id: str, sensitivity: str) -> int: ...
+    async def prune(self, name: str, doc_id: str, doc_hash: str) -> None: ...
+    async def create_collection(self, name: str, dimensions: int, embedder: str,
+                                default_sensitivity: str | None) -> Any: ...
+    async def drop_collection(self, name: str) -> None: ...
     async def delete_document(self, name: str, doc_id: str) -> int: ...
     async def search(self, name: str, **kwargs) -> list[SearchHit]: ...
 
 
 class ActorStore:
-    """The cluster's ``VectorStoreActor`` behind async methods."""
+    """The cluster's ``VectorStoreActor`` behind async methods. The actor restarts itself when its
+    process dies; if it is gone for good (killed for good, its node lost) it is looked up (or created)
+    again once."""
 
-    def __init__(self, actor):
-        self._actor = actor
+    def __init__(self, connect: Callable[[], Any]):
+        self._connect = connect
+        self._actor = connect()
 
     def __getattr__(self, method: str):
-        remote = getattr(self._actor, method)
-
         async def call(*args, **kwargs):
-            return await remote.remote(*args, **kwargs)
+            from ray.exceptions import ActorDiedError
+
+            try:
+                return await getattr(self._actor, method).remote(*args, **kwargs)
+            except ActorDiedError:
+                self._actor = self._connect()
+                return await getattr(self._actor, method).remote(*args, **kwargs)
 
         return call
 
@@ -78,6 +93,9 @@ class UploadSettings:
     ocr: OCRConfig
     max_bytes: int
     default_sensitivity: Sensitivity
+    limits: DocumentLimits = field(default_factory=DocumentLimits)
+    embed_batch: int = 16
+    dimensions: int | None = None  # of the embedder: what new collections hold
 
 
 class KnowledgeBase:
@@ -89,7 +107,7 @@ class KnowledgeBase:
         self.upload = upload
         self.max_context_chars = max_context_chars
         self.top_k = top_k
-        self.parser = DocumentParser(upload.ocr)
+        self.parser = DocumentParser(upload.ocr, upload.limits)
         self.chunker = TokenChunker(tokenizer, upload.max_tokens, upload.overlap)
         self.sparse = SparseEncoder()
         self.fingerprint = ingest_fingerprint(upload.embedder_source, upload.max_tokens, upload.overlap, upload.ocr)
@@ -116,8 +134,21 @@ class KnowledgeBase:
 
     async def collections(self) -> list[dict[str, Any]]:
         infos = [await self.store.collection(name) for name in await self.store.collection_names()]
-        return [{"name": i.name, "documents": i.documents, "points": i.points, "dimensions": i.dimensions,
-                 "embedder": i.embedder} for i in infos]
+        return [_collection_dict(i) for i in infos]
+
+    async def create_collection(self, name: str, default_sensitivity: Sensitivity | None = None,
+                                embedder: str | None = None) -> dict[str, Any]:
+        if embedder not in (None, self.upload.embedder_source):
+            raise ValueError(f"embedder {embedder!r}: this knowledge base embeds with {self.upload.embedder_source!r}")
+        if self.upload.dimensions is None:
+            self.upload.dimensions = int((await self.embed(["dimensions"])).vectors.shape[1])
+        info = await self.store.create_collection(name, self.upload.dimensions, self.upload.embedder_source,
+                                                  default_sensitivity)
+        return _collection_dict(info)
+
+    async def drop_collection(self, name: str) -> None:
+        await self._check_collection(name)
+        await self.store.drop_collection(name)
 
     async def delete_document(self, collection: str, doc_id: str) -> int:
         await self._check_collection(collection)
@@ -126,19 +157,23 @@ class KnowledgeBase:
     async def ingest_file(self, collection: str, filename: str, data: bytes,
                           sensitivity: Sensitivity | None = None) -> FileOutcome:
         """One uploaded file through parse -> OCR -> chunk -> embed -> write. Raises ``RefusedFile``."""
-        import uuid
-
-        await self._check_collection(collection)
+        info = await self.store.collection(collection)  # raises CollectionNotFound, saying how to create it
         source = f"upload://{collection}/{filename}"
-        doc_id = str(uuid.uuid5(DOC_NAMESPACE, source))
-        sensitivity = sensitivity or self.upload.default_sensitivity
+        doc_id = document_id(source)
+        sensitivity = sensitivity or info.default_sensitivity or self.upload.default_sensitivity
         outcome = FileOutcome(source=source, path=filename, status="indexed", doc_id=doc_id, sensitivity=sensitivity)
         if len(data) > self.upload.max_bytes:
             raise RefusedFile("too_large", f"{len(data)} bytes is over the limit of {self.upload.max_bytes} bytes")
         doc_hash = content_hash(data, self.fingerprint)
         existing = await self.store.document(collection, doc_id)
         if existing is not None and existing.get("doc_hash") == doc_hash:
-            outcome.status, outcome.chunks = "unchanged", existing.get("chunk_count", 0)
+            outcome.chunks = existing.get("chunk_count", 0)
+            await self.store.prune(collection, doc_id, doc_hash)  # a replace that crashed midway left others
+            if existing.get("sensitivity") == sensitivity:
+                outcome.status = "unchanged"
+            else:  # the same bytes with a new label: every chunk takes it, or RAG would route by the old one
+                await self.store.set_sensitivity(collection, doc_id, sensitivity)
+                outcome.status = "relabelled"
             return outcome
         parsed = await asyncio.to_thread(self.parser.parse, filename, data)
         if parsed.ocr_pages:
@@ -148,14 +183,22 @@ class KnowledgeBase:
         chunks = await asyncio.to_thread(self.chunker.chunk, parsed.elements)
         if not chunks:
             raise RefusedFile("no_text", "no text to index")
-        embedded = await self.embed([c.text for c in chunks])
+        if len(chunks) > self.upload.limits.max_chunks:
+            raise RefusedFile("too_large", f"{len(chunks)} chunks is over the limit of {self.upload.limits.max_chunks}")
+        step = self.upload.embed_batch
+        vectors = [(await self.embed([c.text for c in chunks[i:i + step]])).vectors for i in range(0, len(chunks), step)]
         meta = DocMeta(doc_id=doc_id, source=source, path=filename, sensitivity=sensitivity, doc_hash=doc_hash,
                        format=parsed.format, title=parsed.title, page_count=parsed.page_count,
                        ocr_pages=len(parsed.ocr_pages))
-        records = build_records(meta, chunks, np.asarray(embedded.vectors), [self.sparse.document(c.text) for c in chunks])
+        records = build_records(meta, chunks, np.concatenate(vectors), [self.sparse.document(c.text) for c in chunks])
         await self.store.replace_document(collection, doc_id, records)
         outcome.chunks, outcome.pages, outcome.ocr_pages = len(chunks), parsed.page_count, len(parsed.ocr_pages)
         return outcome
+
+
+def _collection_dict(info) -> dict[str, Any]:
+    return {"name": info.name, "documents": info.documents, "points": info.points, "dimensions": info.dimensions,
+            "embedder": info.embedder, "default_sensitivity": info.default_sensitivity}
 
 
 def last_user_text(messages: list[dict]) -> str:

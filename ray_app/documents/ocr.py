@@ -4,6 +4,9 @@ One class, used by the ingestion pipeline's OCR stage and by the ``/v1/ocr`` dep
 runs as a subprocess reading PNG from stdin and writing TSV (word boxes); words are grouped into lines
 here. ``OMP_THREAD_LIMIT`` is set for the subprocess only: with several OpenMP threads a page took
 2.7-43 s on this machine, with one 2.1-2.9 s.
+
+Pages and frames are rendered one at a time, each checked against ``DocumentLimits`` before it is
+decoded, so a document's memory is one page whatever its page count or declared size.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image
 
-from ray_app.documents.config import OCRConfig
+from ray_app.documents.config import DocumentLimits, OCRConfig
 
 
 class OCRError(RuntimeError):
@@ -66,21 +69,72 @@ def to_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def render_pdf_pages(data: bytes, dpi: int, pages: list[int] | None = None) -> list[tuple[int, Image.Image]]:
-    """(1-based page number, grayscale image) for ``pages`` (default: all) of a PDF."""
+class TooLarge(Exception):
+    """A page or frame over ``DocumentLimits``; ``code`` is the refusal code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def page_pixels(width_pt: float, height_pt: float, dpi: int) -> int:
+    return int(width_pt * dpi / 72) * int(height_pt * dpi / 72)
+
+
+def iter_pdf_pages(data: bytes, dpi: int, limits: DocumentLimits, pages: list[int] | None = None):
+    """(1-based page number, grayscale image) for ``pages`` (default: all) of a PDF, rendered one at a
+    time; raises ``TooLarge`` before rendering a page over the pixel cap."""
     import pypdfium2 as pdfium
 
     pdf = pdfium.PdfDocument(data)
     try:
-        numbers = pages or list(range(1, len(pdf) + 1))
-        return [(n, pdf[n - 1].render(scale=dpi / 72, grayscale=True).to_pil()) for n in numbers]
+        if len(pdf) > limits.max_pages:
+            raise TooLarge("too_many_pages", f"{len(pdf)} pages is over the limit of {limits.max_pages}")
+        for n in pages or range(1, len(pdf) + 1):
+            page = pdf[n - 1]
+            pixels = page_pixels(*page.get_size(), dpi)
+            if pixels > limits.max_page_pixels:
+                raise TooLarge("too_large", f"page {n} would be {pixels:,} pixels at {dpi} dpi, over the limit of "
+                                            f"{limits.max_page_pixels:,}")
+            image = page.render(scale=dpi / 72, grayscale=True).to_pil()
+            page.close()
+            yield n, image
     finally:
         pdf.close()
 
 
+def open_image(data: bytes, limits: DocumentLimits) -> Image.Image:
+    """An image opened (header only) and checked against the pixel cap before anything is decoded."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # Pillow's own ceiling, far above ours: the same refusal
+        raise TooLarge("too_large", f"the image declares more than {limits.max_page_pixels:,} pixels") from None
+    if image.width * image.height > limits.max_page_pixels:
+        raise TooLarge("too_large", f"image of {image.width}x{image.height} pixels is over the limit of "
+                                    f"{limits.max_page_pixels:,}")
+    return image
+
+
+def iter_frames(data: bytes, limits: DocumentLimits):
+    """(1-based frame number, image) of a single- or multi-frame image, at most ``limits.max_frames``."""
+    from PIL import ImageSequence
+
+    image = open_image(data, limits)
+    if getattr(image, "n_frames", 1) > limits.max_frames:  # counted from the headers, before any OCR
+        raise TooLarge("too_many_pages", f"{image.n_frames} frames is over the limit of {limits.max_frames}")
+    for n, frame in enumerate(ImageSequence.Iterator(image), start=1):
+        if n > limits.max_frames:
+            raise TooLarge("too_many_pages", f"more than {limits.max_frames} frames")
+        if frame.width * frame.height > limits.max_page_pixels:
+            raise TooLarge("too_large", f"frame {n} is over the limit of {limits.max_page_pixels:,} pixels")
+        yield n, frame.copy()
+
+
 class TesseractOCR:
-    def __init__(self, config: OCRConfig | None = None, binary: str = "tesseract"):
+    def __init__(self, config: OCRConfig | None = None, binary: str = "tesseract",
+                 limits: DocumentLimits | None = None):
         self.config = config or OCRConfig()
+        self.limits = limits or DocumentLimits()
         path = shutil.which(binary)
         if path is None:
             raise OCRError(f"{binary!r} is not installed: `apt-get install tesseract-ocr tesseract-ocr-eng` "
@@ -96,15 +150,23 @@ class TesseractOCR:
         cmd = [self.binary, "stdin", "stdout", "-l", self.config.languages, "--psm", str(self.config.psm)]
         cmd += ["--dpi", str(dpi)] if dpi else []
         cmd += ["tsv"]
-        proc = subprocess.run(cmd, input=to_png(image), capture_output=True, env=self._env, timeout=300)
+        try:
+            proc = subprocess.run(cmd, input=to_png(image), capture_output=True, env=self._env,
+                                  timeout=self.limits.ocr_page_timeout_s)
+        except subprocess.TimeoutExpired:
+            raise OCRError(f"tesseract took more than {self.limits.ocr_page_timeout_s:g} s on page {page}") from None
         if proc.returncode != 0:
             raise OCRError(f"tesseract failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-500:]}")
         return OCRPage(page=page, width=image.width, height=image.height,
                        lines=self._lines(proc.stdout.decode("utf-8", errors="replace")))
 
-    def pdf(self, data: bytes) -> list[OCRPage]:
+    def pdf(self, data: bytes, pages: list[int] | None = None) -> list[OCRPage]:
         dpi = self.config.dpi
-        return [self.image(image, page=n, dpi=dpi) for n, image in render_pdf_pages(data, dpi)]
+        return [self.image(image, page=n, dpi=dpi) for n, image in iter_pdf_pages(data, dpi, self.limits, pages)]
+
+    def frames(self, data: bytes) -> list[OCRPage]:
+        """Every frame of an image (a multi-page TIFF is a scanned document)."""
+        return [self.image(frame, page=n) for n, frame in iter_frames(data, self.limits)]
 
     def _lines(self, tsv: str) -> list[OCRLine]:
         lines: dict[tuple[int, int, int], list[OCRWord]] = {}

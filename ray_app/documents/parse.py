@@ -3,6 +3,10 @@
 PDF text layers are read with pypdfium2 (fast, permissive licence); PDF pages without a text layer and
 images are handed on to OCR as rendered pages. DOCX, HTML, Markdown and plain text go through
 ``unstructured``. Tables are kept as text rows (``cell | cell``), never dropped.
+
+Hostile files are refused before they cost memory (``DocumentLimits``): a PDF's page count and the
+pixels its OCR pages would render to, an image's declared size and frame count, and what a DOCX's zip
+members inflate to (read through, capped, before unstructured opens it).
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Literal
 
-from ray_app.documents.config import OCRConfig
+from ray_app.documents.config import DocumentLimits, OCRConfig
 
-RefusalCode = Literal["empty", "too_large", "unsupported_type", "corrupt", "encrypted", "undecodable",
-                      "no_text", "read_error", "parse_error", "ocr_error"]
+RefusalCode = Literal["empty", "too_large", "too_many_pages", "unsupported_type", "corrupt", "encrypted",
+                      "undecodable", "no_text", "read_error", "parse_error", "ocr_error"]
 
 PDF_EXTENSIONS = {".pdf"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
@@ -122,9 +126,39 @@ def decode_text(data: bytes) -> str:
     return text
 
 
+def check_zip(data: bytes, limits: DocumentLimits) -> None:
+    """Refuse a zip (DOCX) that has too many members or inflates past the cap: the declared sizes
+    first, then the real ones, counted while inflating and stopped at the cap (headers can lie)."""
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as e:
+        raise RefusedFile("corrupt", f"not a valid DOCX (zip) file ({e})") from None
+    with archive:
+        members = archive.infolist()
+        if len(members) > limits.max_archive_members:
+            raise RefusedFile("too_large", f"{len(members)} members in the DOCX, over the limit of "
+                                           f"{limits.max_archive_members}")
+        limit = limits.max_inflated_bytes
+        if sum(m.file_size for m in members) > limit:
+            raise RefusedFile("too_large", f"the DOCX inflates to more than {limit:,} bytes")
+        total = 0
+        try:
+            for member in members:
+                with archive.open(member) as stream:
+                    while block := stream.read(1 << 20):
+                        total += len(block)
+                        if total > limit:
+                            raise RefusedFile("too_large", f"the DOCX inflates to more than {limit:,} bytes")
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise RefusedFile("corrupt", f"corrupt DOCX member ({type(e).__name__})") from None
+
+
 class DocumentParser:
-    def __init__(self, ocr: OCRConfig | None = None):
+    def __init__(self, ocr: OCRConfig | None = None, limits: DocumentLimits | None = None):
         self.ocr = ocr or OCRConfig()
+        self.limits = limits or DocumentLimits()
 
     def parse(self, name: str, data: bytes) -> ParsedDocument:
         fmt = file_format(name)
@@ -148,13 +182,23 @@ class DocumentParser:
         try:
             if len(pdf) == 0:
                 raise RefusedFile("corrupt", "PDF has no pages")
+            if len(pdf) > self.limits.max_pages:
+                raise RefusedFile("too_many_pages", f"{len(pdf)} pages is over the limit of {self.limits.max_pages}")
             doc = ParsedDocument(format="pdf", page_count=len(pdf))
             title = (pdf.get_metadata_dict() or {}).get("Title")
             doc.title = title.strip() if title and title.strip() else None
             for number in range(1, len(pdf) + 1):
-                textpage = pdf[number - 1].get_textpage()
+                page = pdf[number - 1]
+                textpage = page.get_textpage()
                 text = textpage.get_text_range().replace("\r\n", "\n").replace("\r", "\n")
                 if len(text.strip()) < self.ocr.min_text_chars:
+                    from ray_app.documents.ocr import page_pixels
+
+                    pixels = page_pixels(*page.get_size(), self.ocr.dpi)
+                    if pixels > self.limits.max_page_pixels:
+                        raise RefusedFile("too_large", f"page {number} needs OCR and would be {pixels:,} pixels at "
+                                                       f"{self.ocr.dpi} dpi, over the limit of "
+                                                       f"{self.limits.max_page_pixels:,}")
                     doc.ocr_pages.append(number)
                     continue
                 for block in re.split(r"\n\s*\n", text):
@@ -165,17 +209,28 @@ class DocumentParser:
             pdf.close()
 
     def _image(self, data: bytes) -> ParsedDocument:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, ImageSequence, UnidentifiedImageError
+
+        from ray_app.documents.ocr import TooLarge, open_image
 
         try:
-            image = Image.open(io.BytesIO(data))
-            image.verify()  # detects truncated and corrupt files without decoding twice
-            frames = getattr(Image.open(io.BytesIO(data)), "n_frames", 1)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            image = open_image(data, self.limits)  # the header only: the declared size is checked first
+            frames = 0
+            for frames, _ in enumerate(ImageSequence.Iterator(image), start=1):
+                if frames > self.limits.max_frames:
+                    raise RefusedFile("too_many_pages", f"more than {self.limits.max_frames} frames")
+            Image.open(io.BytesIO(data)).verify()  # detects truncated and corrupt files
+        except TooLarge as e:
+            raise RefusedFile(e.code, e.message) from None
+        except Image.DecompressionBombError as e:
+            raise RefusedFile("too_large", str(e)) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
             raise RefusedFile("corrupt", f"unreadable image ({e})") from None
         return ParsedDocument(format="image", page_count=frames, ocr_pages=list(range(1, frames + 1)))
 
     def _unstructured(self, fmt: str, name: str, data: bytes) -> ParsedDocument:
+        if fmt == "docx":
+            check_zip(data, self.limits)
         _offline_unstructured()
         try:
             if fmt == "docx":

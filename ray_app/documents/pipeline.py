@@ -35,7 +35,8 @@ from ray_app.documents.sources import FileTask, content_hash, list_files, read_b
 logger = logging.getLogger("ray_app.ingest")
 
 # Row status as it flows down the chain; the last three end a file's journey.
-PARSED, CHUNK, INDEXED, UNCHANGED, REFUSED = "parsed", "chunk", "indexed", "unchanged", "refused"
+PARSED, CHUNK, INDEXED, UNCHANGED, RELABELLED, REFUSED = ("parsed", "chunk", "indexed", "unchanged", "relabelled",
+                                                        "refused")
 
 
 def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -64,11 +65,11 @@ def _refused(doc: dict, error: RefusedFile) -> dict[str, Any]:
 class ParseStage:
     """read + parse: a file's bytes to elements, or a refusal; unchanged files stop here."""
 
-    def __init__(self, config: IngestConfig, fingerprint: str, known: dict[str, str]):
+    def __init__(self, config: IngestConfig, fingerprint: str, known: dict[str, tuple[str, str]]):
         self.config = config
         self.fingerprint = fingerprint
         self.known = known
-        self.parser = DocumentParser(config.ocr)
+        self.parser = DocumentParser(config.ocr, config.limits)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _columns([self.one(json.loads(row["task"])) for row in _rows(batch)], DOC_KEYS)
@@ -85,8 +86,11 @@ class ParseStage:
             except OSError as e:
                 raise RefusedFile("read_error", f"could not read the file: {e}") from None
             doc["doc_hash"] = content_hash(data, self.fingerprint)
-            if self.known.get(doc["doc_id"]) == doc["doc_hash"]:
-                return {"doc": json.dumps(doc), "status": UNCHANGED, "elements": "[]", "ocr_pages": "[]", "data": b""}
+            known_hash, known_label = self.known.get(doc["doc_id"], (None, None))
+            if known_hash == doc["doc_hash"]:
+                # the same bytes: nothing to parse; a new label (a new sensitivity rule) is applied in place
+                status = UNCHANGED if known_label == doc["sensitivity"] else RELABELLED
+                return {"doc": json.dumps(doc), "status": status, "elements": "[]", "ocr_pages": "[]", "data": b""}
             parsed = self.parser.parse(task["rel_path"], data)
         except RefusedFile as e:
             return _refused(doc, e)
@@ -102,7 +106,7 @@ class OCRStage:
     """Pages without a text layer, and images, through Tesseract."""
 
     def __init__(self, config: IngestConfig):
-        self.ocr = TesseractOCR(config.ocr)
+        self.ocr = TesseractOCR(config.ocr, limits=config.limits)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _columns([self.one(row) for row in _rows(batch)], DOC_KEYS)
@@ -180,7 +184,7 @@ def ingest_fingerprint(embedder: str, max_tokens: int, overlap: int, ocr: OCRCon
 
 
 def build_dataset(tasks: list[FileTask], config: IngestConfig, embedder_path: str, device: str,
-                  max_tokens: int, overlap: int, fingerprint: str, known: dict[str, str]):
+                  max_tokens: int, overlap: int, fingerprint: str, known: dict[str, tuple[str, str]]):
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -277,7 +281,8 @@ def run_ingest(source: str, collection: str, config: IngestConfig, sensitivity: 
 
     store = get_store(config.store, paths)
     ray.get(store.ensure_collection.remote(collection, dimensions, config.embedder))
-    known = {doc_id: p["doc_hash"] for doc_id, p in ray.get(store.documents.remote(collection)).items()}
+    known = {doc_id: (p["doc_hash"], p.get("sensitivity")) for doc_id, p in
+             ray.get(store.documents.remote(collection)).items()}
 
     report = IngestReport(collection=collection)
     if not tasks:
@@ -303,6 +308,10 @@ def run_ingest(source: str, collection: str, config: IngestConfig, sensitivity: 
             if len(in_flight) > 8:  # back-pressure: the writer keeps up or the stream waits
                 ray.get(in_flight.pop(0))
         else:
+            if row["status"] in (UNCHANGED, RELABELLED):  # a replace that crashed midway left other versions
+                in_flight.append(store.prune.remote(collection, doc["doc_id"], doc["doc_hash"]))
+            if row["status"] == RELABELLED:
+                in_flight.append(store.set_sensitivity.remote(collection, doc["doc_id"], doc["sensitivity"]))
             report.files.append(_outcome(doc, row["status"]))
     ray.get(in_flight)
     from ray_app.metrics import record_ingest

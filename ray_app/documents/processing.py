@@ -4,13 +4,12 @@ OCR of the pages that need it, and turning chunks plus vectors into store record
 from __future__ import annotations
 
 import datetime as dt
-import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from ray_app.documents.chunk import Chunk
-from ray_app.documents.ocr import TesseractOCR, render_pdf_pages
+from ray_app.documents.ocr import OCRError, TesseractOCR, TooLarge
 from ray_app.documents.parse import Element, ParsedDocument, RefusedFile
 from ray_app.documents.store import PointRecord, point_id
 
@@ -35,16 +34,13 @@ def ocr_elements(parsed: ParsedDocument, data: bytes, ocr: TesseractOCR) -> list
     """OCR the pages ``parse`` could not read; refuses the file if, after OCR, it holds no text at all."""
     if parsed.ocr_pages:
         try:
-            if parsed.format == "pdf":
-                images = render_pdf_pages(data, ocr.config.dpi, parsed.ocr_pages)
-                pages = [ocr.image(image, page=n, dpi=ocr.config.dpi) for n, image in images]
-            else:
-                from PIL import Image, ImageSequence
-
-                frames = ImageSequence.Iterator(Image.open(io.BytesIO(data)))
-                pages = [ocr.image(frame.copy(), page=n) for n, frame in enumerate(frames, start=1)]
+            pages = ocr.pdf(data, parsed.ocr_pages) if parsed.format == "pdf" else ocr.frames(data)
+        except TooLarge as e:
+            raise RefusedFile(e.code, e.message) from None
+        except OCRError as e:
+            raise RefusedFile("ocr_error", f"OCR failed: {e}") from None
         except Exception as e:
-            raise RefusedFile("ocr_error", f"OCR failed: {type(e).__name__}: {e}") from None
+            raise RefusedFile("ocr_error", f"OCR failed: {type(e).__name__}") from None
         for page in pages:
             for block in _paragraphs(page):
                 parsed.elements.append(Element(block, "OCRText", page.page))

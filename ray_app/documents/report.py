@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Status = Literal["indexed", "unchanged", "refused"]
+Status = Literal["indexed", "unchanged", "relabelled", "refused"]
 RunStatus = Literal["complete", "partial", "failed"]
 
 
@@ -52,6 +52,7 @@ class IngestReport:
     def summary(self) -> dict:
         return {"collection": self.collection, "status": self.status, "files": len(self.files),
                 "indexed": self.count("indexed"), "unchanged": self.count("unchanged"),
+                "relabelled": self.count("relabelled"),
                 "refused": self.count("refused"), "chunks": self.chunks, "pages": self.pages,
                 "seconds": round(self.seconds, 2),
                 "first_result_s": None if self.first_result_s is None else round(self.first_result_s, 2),

@@ -23,7 +23,12 @@ class FileTask:
 
     @property
     def doc_id(self) -> str:
-        return str(uuid.uuid5(DOC_NAMESPACE, self.uri))
+        return document_id(self.uri)
+
+
+def document_id(uri: str) -> str:
+    """A document's id: stable for its source URI (``file://``, ``s3://``, ``upload://<collection>/<name>``)."""
+    return str(uuid.uuid5(DOC_NAMESPACE, uri))
 
 
 def sensitivity_for(rel_path: str, config: IngestConfig, label: Sensitivity | None) -> Sensitivity:

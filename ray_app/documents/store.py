@@ -11,9 +11,11 @@ Two implementations behind one interface:
 An embedded shard allows one process: ``EdgeVectorStore`` holds an exclusive lock on each shard it
 opens, and ray_app routes every read and write through one ``VectorStoreActor`` per cluster.
 
-Documents are replaced whole: every chunk carries ``doc_id`` and the document's ``doc_hash``; chunk 0
-(which also carries ``chunk_count``) is written last, so a document whose chunk 0 is present was
-written completely.
+Documents are replaced whole, without a moment where neither version is searchable: every chunk
+carries ``doc_id`` and the document's ``doc_hash``; the new version's chunks are written first (chunk 0,
+which carries ``chunk_count``, last: a document whose chunk 0 has the new hash was written completely),
+then the old version's chunks are deleted. A writer that crashes between the two leaves both versions;
+the next ingest of the document finds it unchanged and prunes the chunks of other versions.
 """
 
 from __future__ import annotations
@@ -46,11 +48,21 @@ class StoreError(RuntimeError):
 
 class CollectionNotFound(StoreError):
     def __init__(self, name: str, known: list[str]):
-        super().__init__(f"collection {name!r} does not exist; collections: {', '.join(known) or '(none)'}")
+        super().__init__(f"collection {name!r} does not exist (collections: {', '.join(known) or 'none'}); create it "
+                         f"with POST /v1/collections {{\"name\": \"{name}\"}} or `ray-app collection create {name}`")
         self.name, self.known = name, known
 
     def __reduce__(self):
         return type(self), (self.name, self.known)
+
+
+class CollectionExists(StoreError):
+    def __init__(self, name: str):
+        super().__init__(f"collection {name!r} already exists")
+        self.name = name
+
+    def __reduce__(self):
+        return type(self), (self.name,)
 
 
 def check_collection_name(name: str) -> str:
@@ -97,12 +109,14 @@ class CollectionInfo:
     embedder: str
     points: int = 0
     documents: int = 0
+    default_sensitivity: str | None = None  # the label of uploads that name none (None: the server's default)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class VectorStore(ABC):
     @abstractmethod
-    def create_collection(self, name: str, dimensions: int, embedder: str) -> CollectionInfo: ...
+    def create_collection(self, name: str, dimensions: int, embedder: str,
+                          default_sensitivity: str | None = None) -> CollectionInfo: ...
 
     @abstractmethod
     def collection(self, name: str) -> CollectionInfo: ...
@@ -121,8 +135,30 @@ class VectorStore(ABC):
         """Chunk 0's payload of ``doc_id`` (present only for completely written documents)."""
         return self.documents(name, doc_id=doc_id).get(doc_id)
 
+    def replace_document(self, name: str, doc_id: str, records: list[PointRecord]) -> None:
+        """The new version's chunks (chunk 0 last), then every other chunk of the document gone."""
+        rest = [r for r in records if r.payload["chunk_index"] != 0]
+        first = [r for r in records if r.payload["chunk_index"] == 0]
+        for part in (rest, first):
+            if part:
+                self._upsert(name, part)
+        self._delete_stale(name, doc_id, keep_ids={r.id for r in records})
+
+    def prune(self, name: str, doc_id: str, doc_hash: str) -> None:
+        """Drop chunks of other versions of a document (left by a writer that crashed mid-replace)."""
+        self._delete_stale(name, doc_id, keep_hash=doc_hash)
+
     @abstractmethod
-    def replace_document(self, name: str, doc_id: str, records: list[PointRecord]) -> None: ...
+    def _upsert(self, name: str, records: list[PointRecord]) -> None: ...
+
+    @abstractmethod
+    def _delete_stale(self, name: str, doc_id: str, keep_ids: set[str] | None = None,
+                      keep_hash: str | None = None) -> None:
+        """Delete the chunks of ``doc_id`` except those with an id in ``keep_ids`` or of version ``keep_hash``."""
+
+    @abstractmethod
+    def set_sensitivity(self, name: str, doc_id: str, sensitivity: str) -> int:
+        """Relabel every chunk of a document (a re-upload with a new label, a new sensitivity rule)."""
 
     @abstractmethod
     def delete_document(self, name: str, doc_id: str) -> int:
@@ -133,14 +169,15 @@ class VectorStore(ABC):
                mode: SearchMode, limit: int, prefetch_limit: int, filter: SearchFilter | None = None,
                exact: bool = False) -> list[SearchHit]: ...
 
-    def ensure_collection(self, name: str, dimensions: int, embedder: str) -> CollectionInfo:
+    def ensure_collection(self, name: str, dimensions: int, embedder: str,
+                          default_sensitivity: str | None = None) -> CollectionInfo:
         if name in self.collection_names():
             info = self.collection(name)
             if info.dimensions != dimensions or info.embedder != embedder:
                 raise StoreError(f"collection {name!r} holds {info.dimensions}-d vectors of {info.embedder!r}; "
                                  f"cannot add {dimensions}-d vectors of {embedder!r}")
             return info
-        return self.create_collection(name, dimensions, embedder)
+        return self.create_collection(name, dimensions, embedder, default_sensitivity)
 
     def optimize(self, name: str) -> None:  # noqa: B027 - a no-op where the engine optimises by itself
         pass
@@ -152,9 +189,14 @@ class VectorStore(ABC):
         pass
 
 
-def _ordered_for_write(records: list[PointRecord]) -> list[PointRecord]:
-    # chunk 0 last: its presence marks the document complete
-    return sorted(records, key=lambda r: r.payload["chunk_index"] == 0)
+def _keep_complete(out: dict[str, dict | None], payload: dict) -> None:
+    """Collect chunk-0 payloads; two versions' chunk 0s mean a replace was cut short (None: incomplete)."""
+    payload.pop("text", None)
+    doc = payload["doc_id"]
+    if doc in out and (out[doc] is None or out[doc]["doc_hash"] != payload["doc_hash"]):
+        out[doc] = None
+    else:
+        out[doc] = payload
 
 
 # -- Qdrant Edge ---------------------------------------------------------------------------------
@@ -199,9 +241,12 @@ class EdgeVectorStore(VectorStore):
     def collection_names(self) -> list[str]:
         return sorted(p.parent.name for p in self.root.glob("*/collection.json"))
 
-    def create_collection(self, name: str, dimensions: int, embedder: str) -> CollectionInfo:
+    def create_collection(self, name: str, dimensions: int, embedder: str,
+                          default_sensitivity: str | None = None) -> CollectionInfo:
         qe = self._qe
         folder = self._dir(name)
+        if (folder / "collection.json").is_file():
+            raise CollectionExists(name)
         folder.mkdir(parents=True, exist_ok=True)
         self._lock(name)
         config = qe.EdgeConfig(
@@ -213,14 +258,16 @@ class EdgeVectorStore(VectorStore):
             shard.update(qe.UpdateOperation.create_field_index(key, qe.PayloadSchemaType.Keyword))
         shard.update(qe.UpdateOperation.create_field_index("chunk_index", qe.PayloadSchemaType.Integer))
         self._shards[name] = shard
-        (folder / "collection.json").write_text(json.dumps({"dimensions": dimensions, "embedder": embedder}))
+        (folder / "collection.json").write_text(json.dumps(
+            {"dimensions": dimensions, "embedder": embedder, "default_sensitivity": default_sensitivity}))
         return self.collection(name)
 
     def collection(self, name: str) -> CollectionInfo:
         shard = self._shard(name)
         meta = self._meta(name)
         return CollectionInfo(name, meta["dimensions"], meta["embedder"], points=shard.info().points_count,
-                              documents=shard.count(self._qe.CountRequest(filter=self._chunk0())))
+                              documents=shard.count(self._qe.CountRequest(filter=self._chunk0())),
+                              default_sensitivity=meta.get("default_sensitivity"))
 
     def drop_collection(self, name: str) -> None:
         if name not in self.collection_names():
@@ -254,20 +301,32 @@ class EdgeVectorStore(VectorStore):
             records, offset = shard.scroll(self._qe.ScrollRequest(
                 offset=offset, limit=1000, filter=self._chunk0(doc_id), with_payload=True, with_vector=False))
             for record in records:
-                payload = dict(record.payload)
-                payload.pop("text", None)
-                out[payload["doc_id"]] = payload
+                _keep_complete(out, dict(record.payload))
             if offset is None:
-                return out
+                return {doc: p for doc, p in out.items() if p is not None}
 
-    def replace_document(self, name: str, doc_id: str, records: list[PointRecord]) -> None:
-        qe, shard = self._qe, self._shard(name)
-        shard.update(qe.UpdateOperation.delete_points_by_filter(self._filter(None, doc_id)))
-        points = [qe.Point(id=r.id, payload=r.payload, vector={
+    def _upsert(self, name: str, records: list[PointRecord]) -> None:
+        qe = self._qe
+        self._shard(name).update(qe.UpdateOperation.upsert_points([qe.Point(id=r.id, payload=r.payload, vector={
             DENSE: [float(x) for x in r.dense], SPARSE: qe.SparseVector(r.sparse_indices, r.sparse_values)})
-            for r in _ordered_for_write(records)]
-        if points:
-            shard.update(qe.UpdateOperation.upsert_points(points))
+            for r in records]))
+
+    def _delete_stale(self, name: str, doc_id: str, keep_ids: set[str] | None = None,
+                      keep_hash: str | None = None) -> None:
+        qe = self._qe
+        must = [qe.FieldCondition(key="doc_id", match=qe.MatchValue(doc_id))]
+        must_not = ([qe.HasIdCondition(set(keep_ids))] if keep_ids else []) + (
+            [qe.FieldCondition(key="doc_hash", match=qe.MatchValue(keep_hash))] if keep_hash else [])
+        self._shard(name).update(qe.UpdateOperation.delete_points_by_filter(
+            qe.Filter(must=must, must_not=must_not or None)))
+
+    def set_sensitivity(self, name: str, doc_id: str, sensitivity: str) -> int:
+        qe, shard = self._qe, self._shard(name)
+        selector = self._filter(None, doc_id)
+        count = shard.count(qe.CountRequest(filter=selector))
+        if count:
+            shard.update(qe.UpdateOperation.set_payload_by_filter(selector, {"sensitivity": sensitivity}))
+        return count
 
     def delete_document(self, name: str, doc_id: str) -> int:
         qe, shard = self._qe, self._shard(name)
@@ -324,13 +383,16 @@ class QdrantClientVectorStore(VectorStore):
     def collection_names(self) -> list[str]:
         return sorted(c.name for c in self.client.get_collections().collections)
 
-    def create_collection(self, name: str, dimensions: int, embedder: str) -> CollectionInfo:
+    def create_collection(self, name: str, dimensions: int, embedder: str,
+                          default_sensitivity: str | None = None) -> CollectionInfo:
         m = self.models
+        if name in self.collection_names():
+            raise CollectionExists(name)
         self.client.create_collection(
             check_collection_name(name),
             vectors_config={DENSE: m.VectorParams(size=dimensions, distance=m.Distance.COSINE)},
             sparse_vectors_config={SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
-            metadata={"embedder": embedder},
+            metadata={"embedder": embedder, "default_sensitivity": default_sensitivity},
         )
         if self._server:
             for key in INDEXED_FIELDS:
@@ -343,9 +405,10 @@ class QdrantClientVectorStore(VectorStore):
             raise CollectionNotFound(name, self.collection_names())
         info = self.client.get_collection(name)
         dense = info.config.params.vectors[DENSE]
-        embedder = (info.config.metadata or {}).get("embedder", "")
+        metadata = info.config.metadata or {}
         documents = self.client.count(name, count_filter=self._chunk0(), exact=True).count
-        return CollectionInfo(name, dense.size, embedder, points=info.points_count or 0, documents=documents)
+        return CollectionInfo(name, dense.size, metadata.get("embedder", ""), points=info.points_count or 0,
+                              documents=documents, default_sensitivity=metadata.get("default_sensitivity"))
 
     def drop_collection(self, name: str) -> None:
         if name not in self.collection_names():
@@ -373,21 +436,33 @@ class QdrantClientVectorStore(VectorStore):
             records, offset = self.client.scroll(name, scroll_filter=self._chunk0(doc_id), limit=1000, offset=offset,
                                                  with_payload=True, with_vectors=False)
             for record in records:
-                payload = dict(record.payload or {})
-                payload.pop("text", None)
-                out[payload["doc_id"]] = payload
+                _keep_complete(out, dict(record.payload or {}))
             if offset is None:
-                return out
+                return {doc: p for doc, p in out.items() if p is not None}
 
-    def replace_document(self, name: str, doc_id: str, records: list[PointRecord]) -> None:
+    def _upsert(self, name: str, records: list[PointRecord]) -> None:
         m = self.models
-        self.client.delete(name, points_selector=m.FilterSelector(filter=self._filter(None, doc_id)), wait=True)
-        points = [m.PointStruct(id=r.id, payload=r.payload, vector={
-            DENSE: [float(x) for x in r.dense],
-            SPARSE: m.SparseVector(indices=r.sparse_indices, values=r.sparse_values)})
-            for r in _ordered_for_write(records)]
-        if points:
-            self.client.upsert(name, points=points, wait=True)
+        self.client.upsert(name, wait=True, points=[m.PointStruct(id=r.id, payload=r.payload, vector={
+            DENSE: [float(x) for x in r.dense], SPARSE: m.SparseVector(indices=r.sparse_indices, values=r.sparse_values)})
+            for r in records])
+
+    def _delete_stale(self, name: str, doc_id: str, keep_ids: set[str] | None = None,
+                      keep_hash: str | None = None) -> None:
+        m = self.models
+        must = [m.FieldCondition(key="doc_id", match=m.MatchValue(value=doc_id))]
+        must_not = ([m.HasIdCondition(has_id=sorted(keep_ids))] if keep_ids else []) + (
+            [m.FieldCondition(key="doc_hash", match=m.MatchValue(value=keep_hash))] if keep_hash else [])
+        self.client.delete(name, points_selector=m.FilterSelector(filter=m.Filter(must=must, must_not=must_not)),
+                           wait=True)
+
+    def set_sensitivity(self, name: str, doc_id: str, sensitivity: str) -> int:
+        m = self.models
+        selector = self._filter(None, doc_id)
+        count = self.client.count(name, count_filter=selector, exact=True).count
+        if count:
+            self.client.set_payload(name, payload={"sensitivity": sensitivity},
+                                    points=m.FilterSelector(filter=selector), wait=True)
+        return count
 
     def delete_document(self, name: str, doc_id: str) -> int:
         m = self.models

@@ -4,6 +4,10 @@ An embedded Qdrant shard must be written by one process. Every reader and writer
 (ingest drivers, the Serve knowledge deployment, the CLI) reaches the store through this named
 actor, so ingesting while serving is safe and new documents are searchable at once. Calls run one at
 a time; Edge queries take milliseconds.
+
+The actor is restarted when its process dies (the shard's lock dies with it, and the new process
+reopens the shard from disk), and calls in flight are retried on the new one: every method is
+idempotent (a document replace rewrites the same points, deletes and relabels repeat harmlessly).
 """
 
 from __future__ import annotations
@@ -20,13 +24,27 @@ from ray_app.paths import DataDir
 NAMESPACE = "ray_app"
 
 
-@ray.remote(num_cpus=0, max_concurrency=1)
+@ray.remote(num_cpus=0, max_concurrency=1, max_restarts=-1, max_task_retries=3)
 class VectorStoreActor:
     def __init__(self, config: StoreConfig, root: str):
         self.store: VectorStore = open_store(config, DataDir.from_path(root))
 
-    def ensure_collection(self, name, dimensions, embedder):
-        return self.store.ensure_collection(name, dimensions, embedder)
+    def ensure_collection(self, name, dimensions, embedder, default_sensitivity=None):
+        return self.store.ensure_collection(name, dimensions, embedder, default_sensitivity)
+
+    def create_collection(self, name, dimensions, embedder, default_sensitivity=None):
+        return self.store.create_collection(name, dimensions, embedder, default_sensitivity)
+
+    def prune(self, name, doc_id, doc_hash):
+        return self.store.prune(name, doc_id, doc_hash)
+
+    def set_sensitivity(self, name, doc_id, sensitivity):
+        return self.store.set_sensitivity(name, doc_id, sensitivity)
+
+    def pid(self):
+        import os
+
+        return os.getpid()
 
     def collection(self, name):
         return self.store.collection(name)

@@ -11,23 +11,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    ValidationError,
-    model_validator,
-)
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from ray_app.config_error import ConfigError
-from ray_app.paths import DataDir
+from ray_app.schema import ConfigError, Problems, Strict, load_yaml, parse
 
-__all__ = ["BreakerConfig", "Capability", "ConfigError", "KeysConfig", "PolicyConfig", "Privacy", "Route",
-           "RouterConfig", "Target", "TargetKind"]
+__all__ = ["BreakerConfig", "Capability", "ConfigError", "PolicyConfig", "Privacy", "Route", "RouterConfig", "Target",
+           "TargetKind"]
 
 TargetKind = Literal["local", "openai", "azure", "bedrock"]
 Privacy = Literal["local", "cloud"]
@@ -38,20 +27,7 @@ _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 
 
-class _Strict(BaseModel):
-    # A typo in a YAML key is an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid")
-
-
-class _Problems(ValueError):
-    """Several cross-reference problems raised from one validator, kept apart so ``load`` lists each."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("; ".join(problems))
-
-
-class Target(_Strict):
+class Target(Strict):
     """One place a request can go: a model served by ray_app, or a cloud provider's model."""
 
     name: str = Field(pattern=_NAME.pattern, description="Unique name routes refer to.")
@@ -102,11 +78,11 @@ class Target(_Strict):
         if self.kind in ("openai", "azure") and self.api_key_env is None:
             problems.append(f"kind {self.kind!r} needs api_key_env")
         if problems:
-            raise _Problems(problems)
+            raise Problems(problems)
         return self
 
 
-class Route(_Strict):
+class Route(Strict):
     """A named route clients pick with ``model``: candidate targets plus the rules that order them."""
 
     targets: list[str] = Field(
@@ -117,14 +93,17 @@ class Route(_Strict):
     min_quality: int | None = Field(None, ge=1, le=10, description="Drop candidates below this quality.")
     allow_cloud: bool = Field(True, description="False keeps every request on this route on local targets.")
     max_chain: PositiveInt = Field(3, description="Longest fallback chain returned.")
+    max_tokens: PositiveInt | None = Field(
+        None, description="Largest max_tokens a request on this route may ask for; also its default.")
+    max_n: PositiveInt | None = Field(None, description="Largest n (choices) a request on this route may ask for.")
 
 
-class BreakerConfig(_Strict):
+class BreakerConfig(Strict):
     failure_threshold: PositiveInt = Field(5, description="Consecutive failures that open the breaker.")
     cooldown_s: PositiveFloat = Field(30.0, description="Open time before a half-open probe is allowed.")
 
 
-class PolicyConfig(_Strict):
+class PolicyConfig(Strict):
     long_prompt_tokens: PositiveInt = Field(2000, description="Prompts this long count as complex.")
     default_max_tokens: PositiveInt = Field(
         512, description="Completion tokens assumed when a request sets no max_tokens (context fit, cost).")
@@ -134,26 +113,11 @@ class PolicyConfig(_Strict):
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
 
 
-class KeysConfig(_Strict):
-    ledger_path: str | None = Field(
-        None, description="SQLite file for spend and keys; default <data_dir>/router/ledger.sqlite.")
-    budget_period: Literal["day", "month"] = Field("month", description="Period a key's budget covers (UTC).")
-    default_budget_usd: PositiveFloat | None = Field(
-        None, description="Budget for keys without their own; unset: none.")
-    default_rpm: PositiveInt | None = Field(60, description="Requests per minute for keys without their own.")
-    default_tpm: PositiveInt | None = Field(100_000, description="Tokens per minute for keys without their own.")
-
-
-class RouterConfig(_Strict):
-    data_dir: str | None = Field(None, description="Default ./data or $RAY_APP_DATA_DIR.")
+class RouterConfig(Strict):
     targets: list[Target] = Field(min_length=1)
     routes: dict[str, Route] = Field(min_length=1)
     default_route: str = Field("auto", description="Route used when a request names none.")
-    local_hourly_rate_usd: PositiveFloat = Field(
-        0.50, description="USD per replica-hour charged for requests that name a served model directly "
-                          "(not through a route), embeddings included.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
-    keys: KeysConfig = Field(default_factory=KeysConfig)
 
     @model_validator(mode="after")
     def _check_references(self) -> RouterConfig:
@@ -167,43 +131,30 @@ class RouterConfig(_Strict):
                 if target not in names:
                     problems.append(f"routes.{route_name}.targets: unknown target {target!r} "
                                     f"(known: {sorted(set(names))})")
+        rates: dict[str, set[float]] = {}
+        for t in self.targets:
+            if t.kind == "local":
+                rates.setdefault(t.model, set()).add(t.hourly_rate_usd)
+        problems += [f"targets: local targets of model {m!r} disagree on hourly_rate_usd {sorted(r)}"
+                     for m, r in rates.items() if len(r) > 1]
         if self.default_route not in self.routes:
             problems.append(f"default_route: {self.default_route!r} is not a route "
                             f"(routes: {sorted(self.routes)})")
         if problems:
-            raise _Problems(problems)
+            raise Problems(problems)
         return self
 
     def target(self, name: str) -> Target:
         return next(t for t in self.targets if t.name == name)
 
-    def ledger_path(self) -> Path:
-        if self.keys.ledger_path:
-            return Path(self.keys.ledger_path).expanduser().resolve()
-        return DataDir.from_path(self.data_dir).root / "router" / "ledger.sqlite"
-
     @classmethod
     def parse(cls, document: dict[str, Any], source: str = "router config") -> RouterConfig:
-        try:
-            return cls.model_validate(document)
-        except ValidationError as e:
-            raise _config_error(source, e) from None
+        return parse(cls, document, source)
 
     @classmethod
     def load(cls, path: str | Path) -> RouterConfig:
-        import yaml
+        return cls.parse(load_yaml(path), str(path))
 
-        path = Path(path)
-        return cls.parse(yaml.safe_load(path.read_text()) or {}, str(path))
-
-
-def _config_error(source: str, error: ValidationError) -> ConfigError:
-    problems = []
-    for e in error.errors():
-        loc = ".".join(str(part) for part in e["loc"]) or "(top level)"
-        cause = (e.get("ctx") or {}).get("error")
-        if isinstance(cause, _Problems):
-            problems += [f"{loc}: {p}" if loc != "(top level)" else p for p in cause.problems]
-        else:
-            problems.append(f"{loc}: {e['msg']}")
-    return ConfigError(source, problems)
+    def local_rates(self) -> dict[str, float]:
+        """Served model -> USD per replica-hour, from the local targets that price it."""
+        return {t.model: t.hourly_rate_usd for t in self.targets if t.kind == "local"}

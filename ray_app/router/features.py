@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ray_app.router.pii import PIIKind, find_pii
+from ray_app.router.pii import PIIKind, request_strings, scan
 
 __all__ = ["CONFIDENTIAL_HEADER", "RequestFeatures", "detect_tasks", "estimate_tokens", "extract_features",
            "message_text"]
@@ -64,6 +64,8 @@ class RequestFeatures:
     confidential_key: bool = False
     confidential_context: bool = False  # a retrieved chunk is labelled confidential
     stream: bool = False
+    n: int = 1  # choices asked for: completion tokens are up to n x max_tokens
+    max_request_usd: float | None = None  # the caller's per-request cost ceiling
 
     @property
     def local_only(self) -> bool:
@@ -83,13 +85,11 @@ class RequestFeatures:
 
 
 def message_text(message: Mapping[str, Any]) -> str:
-    """The text of a chat message whose content is a string or a list of parts."""
+    """The text of a chat message: its content (a string or parts of any type) and its tool calls."""
     content = message.get("content")
-    if isinstance(content, str):
+    if isinstance(content, str) and not message.get("tool_calls"):
         return content
-    if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
-    return ""
+    return "\n".join(request_strings([content, message.get("tool_calls")]))
 
 
 def estimate_tokens(text: str, chars_per_token: float = 4.0) -> int:
@@ -134,16 +134,20 @@ def _truthy(value: str | None) -> bool:
 
 def extract_features(request: Mapping[str, Any], *, headers: Mapping[str, str] | None = None,
                      confidential_key: bool = False, retrieved_sensitivities: Iterable[str] = (),
-                     default_max_tokens: int = 512, chars_per_token: float = 4.0) -> RequestFeatures:
+                     default_max_tokens: int = 512, chars_per_token: float = 4.0,
+                     max_request_usd: float | None = None) -> RequestFeatures:
     """Features of an OpenAI chat request dict.
 
-    ``retrieved_sensitivities`` are the labels of chunks a RAG step put into the prompt; the messages
-    are scanned for PII as sent, system and assistant turns included, since all of it reaches the target.
+    ``retrieved_sensitivities`` are the labels of chunks a RAG step put into the prompt. Every string
+    of the request is scanned for PII (every turn, tool definitions, tool calls and results, names,
+    extra fields), since all of it would reach the target.
     """
     messages = request.get("messages") or []
     texts = [message_text(m) for m in messages]
     user_text = "\n".join(t for m, t in zip(messages, texts) if m.get("role") == "user")
     prompt_tokens = sum(estimate_tokens(t, chars_per_token) + _MESSAGE_OVERHEAD_TOKENS for t in texts)
+    if request.get("tools"):
+        prompt_tokens += estimate_tokens("\n".join(request_strings(request["tools"])), chars_per_token)
     max_tokens = request.get("max_completion_tokens") or request.get("max_tokens") or default_max_tokens
     headers = {k.lower(): v for k, v in (headers or {}).items()}
     return RequestFeatures(
@@ -151,9 +155,11 @@ def extract_features(request: Mapping[str, Any], *, headers: Mapping[str, str] |
         prompt_tokens=prompt_tokens,
         max_tokens=int(max_tokens),
         tasks=detect_tasks(user_text),
-        pii=frozenset(f.kind for t in texts for f in find_pii(t)),
+        pii=scan(request_strings(request)),
         confidential_header=_truthy(headers.get(CONFIDENTIAL_HEADER)),
         confidential_key=confidential_key,
         confidential_context=any(s == "confidential" for s in retrieved_sensitivities),
         stream=bool(request.get("stream")),
+        n=int(request.get("n") or 1),
+        max_request_usd=max_request_usd,
     )

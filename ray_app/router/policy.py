@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from ray_app.router.config import RouterConfig, Target
 from ray_app.router.features import RequestFeatures
 from ray_app.router.health import HealthSnapshot
-from ray_app.router.ledger import cloud_cost, local_cost
+from ray_app.accounting.recorder import cloud_cost, local_cost
 
-__all__ = ["ContextTooLongError", "Decision", "NoHealthyTargetError", "PrivacyError", "RoutingError",
+__all__ = ["ContextTooLongError", "Decision", "NoHealthyTargetError", "OverCostCeilingError", "PrivacyError",
+           "RoutingError",
            "UnknownRouteError", "decide", "estimate_cost", "is_complex"]
 
 
@@ -46,6 +47,10 @@ class NoHealthyTargetError(RoutingError):
     pass
 
 
+class OverCostCeilingError(RoutingError):
+    """Every candidate could cost more than the caller's per-request ceiling."""
+
+
 @dataclass(frozen=True)
 class Decision:
     route: str
@@ -54,10 +59,11 @@ class Decision:
 
 
 def estimate_cost(target: Target, features: RequestFeatures) -> float:
-    """Upper-bound USD for the request: the full ``max_tokens`` is assumed to be generated."""
+    """Upper-bound USD for the request: ``n`` choices of the full ``max_tokens`` each."""
+    completion = features.n * features.max_tokens
     if target.kind == "local":
-        return local_cost(target, features.max_tokens / target.decode_tokens_per_s)
-    return cloud_cost(target, features.prompt_tokens, features.max_tokens)
+        return local_cost(target.hourly_rate_usd, completion / target.decode_tokens_per_s)
+    return cloud_cost(target.price_in_per_mtok, target.price_out_per_mtok, features.prompt_tokens, completion)
 
 
 def is_complex(features: RequestFeatures, long_prompt_tokens: int) -> bool:
@@ -109,12 +115,19 @@ def decide(features: RequestFeatures, targets: Sequence[Target], health: Mapping
     def breaker_open(t: Target) -> str | None:
         return "circuit breaker open" if state[t.name].breaker == "open" else None
 
+    def over_ceiling(t: Target) -> str | None:
+        ceiling = features.max_request_usd
+        if ceiling is not None and (cost := estimate_cost(t, features)) > ceiling:
+            return f"may cost ~${cost:.5f}, over the caller's ${ceiling:.5f} per-request ceiling"
+        return None
+
     no_fit = (f"no target fits ~{needed_tokens} tokens "
               f"(prompt ~{features.prompt_tokens} + max_tokens {features.max_tokens})")
     hard_rules: list[tuple[Callable[[Target], str | None], type[RoutingError], str]] = [
         (below_min_quality, RoutingError, f"no target on route {route_name!r} meets its min_quality"),
         (leaves_the_premises, PrivacyError, "no local target"),
         (too_small, ContextTooLongError, no_fit),
+        (over_ceiling, OverCostCeilingError, "every candidate may cost more than the caller's per-request ceiling"),
         (breaker_open, NoHealthyTargetError, "every candidate's circuit breaker is open"),
     ]
     if privacy_why:

@@ -25,7 +25,7 @@ from openai.resources.chat.completions import AsyncCompletions
 
 from ray_app.router.config import Target
 
-__all__ = ["BedrockProvider", "LocalProvider", "OpenAIProvider", "Provider", "ProviderError", "RetryPolicy", "from_converse",
+__all__ = ["BedrockProvider", "OpenAIProvider", "Provider", "ProviderError", "RetryPolicy", "from_converse",
            "make_provider", "to_converse"]
 
 
@@ -35,7 +35,12 @@ class ProviderError(Exception):
     def __init__(self, target: str, message: str, status: int | None = None, retryable: bool = False,
                  retry_after_s: float | None = None):
         self.target, self.status, self.retryable, self.retry_after_s = target, status, retryable, retry_after_s
+        self.detail = message
         super().__init__(f"{target}: {message}" + (f" (HTTP {status})" if status else ""))
+
+    def __reduce__(self):
+        # raised in the Router replica, caught in the gateway: keep every field across the handle
+        return type(self), (self.target, self.detail, self.status, self.retryable, self.retry_after_s)
 
 
 def _retryable_status(status: int | None) -> bool:
@@ -98,23 +103,6 @@ class Provider:
 
     def _stream_once(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         raise NotImplementedError
-
-
-class LocalProvider(Provider):
-    """A model served by this cluster. The Serve layer supplies the calls (through the model's
-    deployment handle); they speak OpenAI's dict format and raise ``ProviderError`` like the others."""
-
-    def __init__(self, target: Target, chat: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
-                 stream: Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]],
-                 retry: RetryPolicy | None = None):
-        super().__init__(target, retry)
-        self._chat, self._stream = chat, stream
-
-    async def _chat_once(self, request: dict[str, Any]) -> dict[str, Any]:
-        return await self._chat(request | {"model": self.target.model})
-
-    def _stream_once(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        return self._stream(request | {"model": self.target.model})
 
 
 # Keyword arguments the SDK's create() takes; anything else a client sent rides along in extra_body.
@@ -360,8 +348,8 @@ def make_provider(target: Target, environ: Mapping[str, str], retry: RetryPolicy
     process environment) supplies the API key named by ``api_key_env``."""
     if target.kind == "bedrock":
         return BedrockProvider.from_target(target, retry, **bedrock_client_kwargs)
-    if target.kind == "local" and not target.base_url:
-        raise ValueError(f"local target {target.name!r} has no base_url; it is reached through its Serve handle")
+    if target.kind == "local":
+        raise ValueError(f"local target {target.name!r} is reached through its LLM deployment, not a provider")
     api_key = environ.get(target.api_key_env, "") if target.api_key_env else "unused"
     if not api_key:
         raise ValueError(f"target {target.name!r}: environment variable {target.api_key_env} is not set")

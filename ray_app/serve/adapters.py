@@ -126,9 +126,7 @@ def catalog_for(base: str, settings: AdapterServeSettings, data_dir: str | None)
 
 def adapter_loader_class(catalog: AdapterCatalog):
     """A ``LoraModelLoader`` for ``ray.serve.llm`` that reads our catalog instead of a cloud bucket."""
-    from ray.llm._internal.common.models import global_id_manager
-    from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-    from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
+    from ray_app.serve.internals import DiskMultiplexConfig, LoraModelLoader, global_id_manager
 
     class AdapterLoader(LoraModelLoader):
         async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:

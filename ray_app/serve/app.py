@@ -22,8 +22,8 @@ from ray_app.serve.gateway import Gateway
 from ray_app.serve.knowledge import build_knowledge_deployment
 from ray_app.serve.llm import build_llm_app
 from ray_app.serve.ocr import build_ocr_deployment
-from ray_app.serve.router import RouterServer
 from ray_app.serve.protocol import ModelCard
+from ray_app.serve.router import CloudProviders
 
 
 def engine_kwargs_problems(engine_kwargs: dict[str, Any]) -> list[str]:
@@ -31,14 +31,15 @@ def engine_kwargs_problems(engine_kwargs: dict[str, Any]) -> list[str]:
 
     Checked here, before any replica starts, because the replica would only fail minutes later.
     """
-    from ray.llm._internal.serve.engines.vllm.vllm_engine import _normalize_vllm_engine_kwargs
     from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from ray_app.serve.internals import normalize_engine_kwargs
 
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     problems = [f"unknown vLLM engine argument {key!r}" for key in sorted(set(engine_kwargs) - known)]
     try:
         # the same normalisation the replica applies to dict-valued configs
-        _normalize_vllm_engine_kwargs({k: v for k, v in engine_kwargs.items() if k in known})
+        normalize_engine_kwargs({k: v for k, v in engine_kwargs.items() if k in known})
     except ValueError as e:
         problems.append(str(e).splitlines()[0] + ": " + " ".join(str(e).splitlines()[1:3]))
     return problems
@@ -85,6 +86,15 @@ def model_cards(config: AppConfig, sources: dict[str, str]) -> dict[str, ModelCa
 def build_app(args: dict[str, Any]) -> serve.Application:
     config = AppConfig.load(args)
     sources = resolve_sources(config)
+    router_config = load_router_config(config) if config.router is not None else None
+    # Paths are made absolute and the router config inlined here, on the machine that builds the app,
+    # so every replica reads the same ledger and the same routes wherever it runs.
+    config = config.model_copy(update={
+        "auth": config.auth.model_copy(update={"ledger_path": str(config.auth.ledger_file(config.paths))}),
+        "data_dir": str(config.paths.root),
+        "router": None if router_config is None else config.router.model_copy(
+            update={"config": router_config.model_dump(mode="json")}),
+    })
     llms = {m.name: build_llm_app(m, sources[m.name], str(config.paths.root)) for m in config.llms}
     embedders = {e.name: build_embedder_deployment(e, sources[e.name]) for e in config.embedders}
     ocr = build_ocr_deployment(config.ocr) if config.ocr is not None else None
@@ -95,16 +105,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             config.knowledge, str(config.paths.root), embedder.source, sources[embedder.name],
             embedders[embedder.name], ocr, config.ocr.ocr if config.ocr else OCRConfig(),
             sources.get("knowledge.reranker"))
-    router = router_config = None
-    if config.router is not None:
-        router_config = load_router_config(config)
-        local_models = {t.model for t in router_config.targets if t.kind == "local"}
-        replicas = {m.name: m.replicas.num_replicas or m.replicas.autoscaling_config.min_replicas or 1
-                    for m in config.llms}
-        router = (serve.deployment(RouterServer).options(name="Router", **config.router.replicas.serve_options())
-                  .bind(router_config, {name: llms[name] for name in local_models}, replicas))
+    router = None
+    if router_config is not None:
+        router = (serve.deployment(CloudProviders).options(name="Router", **config.router.replicas.serve_options())
+                  .bind(router_config))
     gateway = serve.deployment(Gateway).options(name="Gateway", **config.gateway.replicas.serve_options())
-    return gateway.bind(config, llms, embedders, model_cards(config, sources), knowledge, ocr, router, router_config)
+    return gateway.bind(config=config, llms=llms, embedders=embedders, cards=model_cards(config, sources),
+                        knowledge=knowledge, ocr=ocr, router=router)
 
 
 def load_router_config(config: AppConfig):

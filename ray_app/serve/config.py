@@ -10,20 +10,14 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PositiveFloat,
-    PositiveInt,
-    ValidationError,
-    model_validator,
-)
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from ray.serve.config import AutoscalingConfig
 
-from ray_app.config_error import ConfigError
-from ray_app.documents.config import ChunkingConfig, OCRConfig, Sensitivity, StoreConfig
+from ray_app.accounting.config import AuthConfig
+from ray_app.documents.config import ChunkingConfig, DocumentLimits, OCRConfig, StoreConfig
 from ray_app.paths import DataDir
+from ray_app.schema import ConfigError, Strict, load_yaml, parse
+from ray_app.sensitivity import Sensitivity
 
 if TYPE_CHECKING:
     from ray_app.router.config import RouterConfig
@@ -35,12 +29,7 @@ __all__ = ["AppConfig", "ConfigError", "EmbedderConfigModel", "GatewayConfig", "
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 
 
-class _Strict(BaseModel):
-    # A typo in a YAML key is an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid")
-
-
-class ReplicaSettings(_Strict):
+class ReplicaSettings(Strict):
     """How many replicas of a deployment run, and what each one asks the cluster for."""
 
     num_replicas: PositiveInt | None = Field(1, description="Fixed replica count; leave unset to autoscale.")
@@ -81,7 +70,7 @@ class ReplicaSettings(_Strict):
         return options
 
 
-class GatewayConfig(_Strict):
+class GatewayConfig(Strict):
     """The FastAPI ingress with the OpenAI routes."""
 
     max_request_bytes: PositiveInt = Field(2 * 1024 * 1024, description="Larger request bodies get 413.")
@@ -90,10 +79,14 @@ class GatewayConfig(_Strict):
     status_poll_interval_s: PositiveFloat = Field(
         1.0, description="How often the gateway reads deployment status (503 for models with no running replica)."
     )
+    backend_timeout_s: PositiveFloat = Field(
+        60.0, description="Deadline of a call to the embedder or the knowledge base (retrieval, listings); 504 after.")
+    upload_timeout_s: PositiveFloat = Field(
+        900.0, description="Deadline of an upload's indexing and of an OCR request; 504 after.")
     replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.25))
 
 
-class AdapterServeSettings(_Strict):
+class AdapterServeSettings(Strict):
     """LoRA adapters on one served base model, loaded at request time (no restart)."""
 
     max_per_replica: PositiveInt = Field(4, description="Adapters kept loaded per replica (LRU); vLLM's max_loras.")
@@ -104,7 +97,7 @@ class AdapterServeSettings(_Strict):
     refresh_s: float = Field(5.0, ge=0, description="How long a name -> version lookup is cached by the gateway.")
 
 
-class LLMConfigModel(_Strict):
+class LLMConfigModel(Strict):
     """One served LLM: a ``ray.serve.llm`` LLMServer deployment over vLLM."""
 
     name: str = Field(description="The model id clients send as `model`.")
@@ -149,7 +142,7 @@ class LLMConfigModel(_Strict):
         return env | self.env
 
 
-class EmbedderConfigModel(_Strict):
+class EmbedderConfigModel(Strict):
     """One served sentence-transformers embedder."""
 
     name: str = Field(description="The model id clients send as `model` to /v1/embeddings.")
@@ -170,16 +163,17 @@ class EmbedderConfigModel(_Strict):
         return "cuda" if self.replicas.num_gpus > 0 else "cpu"
 
 
-class OCRServeConfig(_Strict):
+class OCRServeConfig(Strict):
     """The OCR deployment behind ``POST /v1/ocr`` (and OCR of uploaded scans)."""
 
     ocr: OCRConfig = Field(default_factory=OCRConfig)
     max_request_bytes: PositiveInt = Field(20 * 1024 * 1024, description="Largest image or PDF accepted.")
+    limits: DocumentLimits = Field(default_factory=DocumentLimits, description="Pages, pixels and frames per file.")
     concurrency: PositiveInt = Field(1, description="Tesseract processes a replica runs at once.")
     replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.25))
 
 
-class KnowledgeConfig(_Strict):
+class KnowledgeConfig(Strict):
     """The knowledge-base deployment: retrieval (``/v1/retrieve``, ``rag`` on chat), uploads, collections.
 
     Chunking, OCR and the embedder must match the ingest config (``configs/ingest.yaml``) so a file
@@ -193,13 +187,16 @@ class KnowledgeConfig(_Strict):
     max_context_chars: PositiveInt = Field(
         4000, description="Characters of retrieved text put in front of a chat (fits SmolLM2's 2k context).")
     max_upload_bytes: PositiveInt = Field(50 * 1024 * 1024)
+    limits: DocumentLimits = Field(default_factory=DocumentLimits, description="Pages, pixels, frames, inflated size.")
+    embed_batch: PositiveInt = Field(
+        16, description="Chunks of an upload embedded per call, so queries get the embedder between batches.")
     default_sensitivity: Sensitivity = "internal"
     reranker: str | None = Field(None, description="A cross-encoder model source; unset: no reranking.")
     replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.25))
 
 
-class RouterServeConfig(_Strict):
-    """The smart router (``model: auto`` or another route name), API keys and the spend ledger."""
+class RouterServeConfig(Strict):
+    """The smart router (``model: auto`` or another route name)."""
 
     config: str | dict[str, Any] = Field(
         "configs/router.yaml",
@@ -209,21 +206,16 @@ class RouterServeConfig(_Strict):
     # already spoken for by the engine and the other replicas (a reservation here left the Gateway unplaced).
     replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.0))
 
-    def load(self, data_dir: Path) -> "RouterConfig":
-        """The validated router config, with its data directory and ledger path made absolute here,
-        on the machine that builds the app, so every replica writes the same ledger."""
+    def load(self, data_dir: Path | None = None) -> "RouterConfig":
+        """The validated router config (a file is read where the app is built; ``build_app`` inlines it)."""
         from ray_app.router.config import RouterConfig
 
         if isinstance(self.config, dict):
-            router = RouterConfig.parse(self.config, "router.config")
-        else:
-            router = RouterConfig.load(self.config)
-        router = router.model_copy(update={"data_dir": router.data_dir or str(data_dir)})
-        keys = router.keys.model_copy(update={"ledger_path": str(router.ledger_path())})
-        return router.model_copy(update={"keys": keys})
+            return RouterConfig.parse(self.config, "router.config")
+        return RouterConfig.load(self.config)
 
 
-class AppConfig(_Strict):
+class AppConfig(Strict):
     """The serving application (``args`` of the Serve config)."""
 
     data_dir: str | None = Field(
@@ -234,7 +226,8 @@ class AppConfig(_Strict):
     embedders: list[EmbedderConfigModel] = Field(default_factory=list)
     ocr: OCRServeConfig | None = Field(None, description="Serve OCR (/v1/ocr, scanned uploads); unset: no OCR.")
     knowledge: KnowledgeConfig | None = Field(None, description="Serve retrieval and RAG; unset: none.")
-    router: RouterServeConfig | None = Field(None, description="The smart router and API keys; unset: none.")
+    router: RouterServeConfig | None = Field(None, description="The smart router; unset: none.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, budgets and the spend ledger.")
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":
@@ -258,19 +251,13 @@ class AppConfig(_Strict):
 
     @classmethod
     def load(cls, args: dict[str, Any], source: str = "serve config args") -> "AppConfig":
-        try:
-            return cls.model_validate(args)
-        except ValidationError as e:
-            raise ConfigError.from_validation_error(source, e) from None
+        return parse(cls, args, source)
 
 
 def load_serve_config(path: str | Path) -> list[tuple[str, AppConfig]]:
     """Validate every ray_app application in a Serve config file: ``[(app name, AppConfig)]``."""
-    import yaml
-
     path = Path(path)
-    document = yaml.safe_load(path.read_text())
-    apps = (document or {}).get("applications") or []
+    apps = load_yaml(path).get("applications") or []
     if not apps:
         raise ConfigError(str(path), ["no `applications:` list"])
     configs, problems = [], []

@@ -8,8 +8,8 @@ failures of the deployments behind the gateway) into
 
 from __future__ import annotations
 
-import json
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -80,6 +80,12 @@ class NotFoundError(APIError):
     code = "not_found"
 
 
+class ConflictError(APIError):
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class RequestTooLargeError(APIError):
     status_code = 413
     type = "invalid_request_error"
@@ -96,6 +102,14 @@ class AuthenticationError(APIError):
     status_code = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class PermissionDeniedError(APIError):
+    """The key is valid but its scopes do not cover this (OpenAI's 403)."""
+
+    status_code = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
 
 
 class BudgetExceededError(APIError):
@@ -116,11 +130,15 @@ class UpstreamTimeoutError(APIError):
     code = "timeout"
 
 
+# vLLM's validation names the input it measured when a prompt does not fit the context
+_CONTEXT_PARAMS = frozenset({"input_tokens", "input_text"})
+
+
 def from_engine_error(status_code: int, message: str, err_type: str | None = None,
                       param: str | None = None) -> APIError:
     """An ``APIError`` for an error the engine (vLLM) reported in its own ErrorResponse."""
-    if status_code == 400 and "context length" in message.lower():
-        return ContextLengthExceededError(message, param=param or "messages")
+    if status_code == 400 and param in _CONTEXT_PARAMS:
+        return ContextLengthExceededError(message, param="messages")
     cls = {400: InvalidRequestError, 404: NotFoundError, 413: RequestTooLargeError,
            503: EngineUnavailableError}.get(status_code)
     if cls is None:
@@ -136,6 +154,7 @@ def from_deployment_failure(exc: BaseException, model: str) -> APIError:
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+    exc = root_cause(exc)  # Ray's wrapper of a replica's exception subclasses it: keep the exception itself
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, BackPressureError):
@@ -144,7 +163,40 @@ def from_deployment_failure(exc: BaseException, model: str) -> APIError:
     if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)):
         return EngineUnavailableError(f"{model!r} is unavailable: its replica is not running ({type(exc).__name__})",
                                       headers={"retry-after": "5"})
-    return APIError(f"internal error while serving {model!r}: {type(exc).__name__}: {exc}")
+    return internal_error(exc, f"while serving {model!r}")
+
+
+def internal_error(exc: BaseException, where: str = "") -> APIError:
+    """A 500 that says nothing of the exception (its text may hold another service's internals or a
+    prompt): the log has it, under the id the client is given."""
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("internal error %s %s: %s: %s", error_id, where, type(exc).__name__, exc,
+                 exc_info=(type(exc), exc, exc.__traceback__))
+    return APIError(f"internal error{' ' + where if where else ''} (error id {error_id}); see the server log",
+                    code="internal_error")
+
+
+def from_routing_error(exc: Exception) -> APIError:
+    """The client-facing error for a routing decision that found no target."""
+    from ray_app.router.policy import (
+        ContextTooLongError,
+        OverCostCeilingError,
+        PrivacyError,
+        RoutingError,
+        UnknownRouteError,
+    )
+
+    if isinstance(exc, UnknownRouteError):
+        return ModelNotFoundError(str(exc).splitlines()[0].removeprefix("unknown route ").strip("'"), [])
+    if isinstance(exc, PrivacyError):
+        return EngineUnavailableError(str(exc), code="no_local_target", headers={"retry-after": "5"})
+    if isinstance(exc, ContextTooLongError):
+        return ContextLengthExceededError(str(exc), param="messages")
+    if isinstance(exc, OverCostCeilingError):
+        return BudgetExceededError(str(exc), code="cost_ceiling_exceeded")
+    if isinstance(exc, RoutingError):
+        return EngineUnavailableError(str(exc), code="no_target_available", headers={"retry-after": "5"})
+    raise exc
 
 
 class UnsupportedMediaError(APIError):
@@ -161,14 +213,16 @@ def root_cause(exc: BaseException) -> BaseException:
 def from_document_error(exc: BaseException, what: str) -> APIError:
     """An ``APIError`` for a failure of the document side (store, parser, OCR)."""
     from ray_app.documents.parse import RefusedFile
-    from ray_app.documents.store import CollectionNotFound, StoreError
+    from ray_app.documents.store import CollectionExists, CollectionNotFound, StoreError
 
     cause = root_cause(exc)
     if isinstance(cause, CollectionNotFound):
         return NotFoundError(str(cause), param="collection", code="collection_not_found")
+    if isinstance(cause, CollectionExists):
+        return ConflictError(str(cause), param="name", code="collection_exists")
     if isinstance(cause, RefusedFile):
-        cls = {"too_large": RequestTooLargeError, "unsupported_type": UnsupportedMediaError}.get(cause.code,
-                                                                                                InvalidRequestError)
+        cls = {"too_large": RequestTooLargeError, "too_many_pages": RequestTooLargeError,
+               "unsupported_type": UnsupportedMediaError}.get(cause.code, InvalidRequestError)
         return cls(cause.message, param="file", code=cause.code)
     if isinstance(cause, (StoreError, ValueError)):
         return InvalidRequestError(str(cause))
@@ -180,11 +234,6 @@ def error_response(error: APIError) -> JSONResponse:
 
     record_error(error.status_code, error.code)
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
-
-
-def sse_error(error: APIError) -> str:
-    """An error that happens after a stream has started: one SSE event, then the stream ends."""
-    return f"data: {json.dumps(error.body())}\n\n"
 
 
 def _validation_param(loc: tuple) -> str | None:
@@ -220,8 +269,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error in the gateway")
-        return error_response(APIError(f"internal error: {type(exc).__name__}"))
+        return error_response(internal_error(exc, "in the gateway"))
 
 
 class BodySizeLimit:
@@ -239,7 +287,9 @@ class BodySizeLimit:
         self.route_limits = sorted((route_limits or {}).items(), key=lambda kv: -len(kv[0]))
 
     def limit_for(self, path: str) -> int:
-        return next((limit for prefix, limit in self.route_limits if path.startswith(prefix)), self.max_bytes)
+        # whole path segments: /v1/collections covers /v1/collections/x/documents, not /v1/collectionsX
+        return next((limit for prefix, limit in self.route_limits
+                     if path == prefix or path.startswith(prefix.rstrip("/") + "/")), self.max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):

@@ -26,7 +26,7 @@ class KnowledgeServer(KnowledgeBase):
         info = await embedder.info.remote()
         tokenizer = AutoTokenizer.from_pretrained(embedder_path)
         max_tokens, overlap = config.chunking.resolve(info["max_tokens"], tokenizer.num_special_tokens_to_add())
-        store = ActorStore(get_store(config.store, DataDir.from_path(data_dir)))
+        store = ActorStore(lambda: get_store(config.store, DataDir.from_path(data_dir)))
 
         async def embed(texts):
             return await embedder.embed.remote(texts)
@@ -38,7 +38,8 @@ class KnowledgeServer(KnowledgeBase):
             store=store, embed=embed, tokenizer=tokenizer, ocr=ocr_elements if ocr is not None else None,
             upload=UploadSettings(embedder_source=embedder_source, max_tokens=max_tokens, overlap=overlap,
                                   ocr=ocr_config, max_bytes=config.max_upload_bytes,
-                                  default_sensitivity=config.default_sensitivity),
+                                  default_sensitivity=config.default_sensitivity, limits=config.limits,
+                                  embed_batch=config.embed_batch, dimensions=info["dimensions"]),
             reranker=CrossEncoderReranker(reranker_path) if reranker_path else None,
             max_context_chars=config.max_context_chars, top_k=config.top_k,
         )

@@ -30,8 +30,9 @@ class LLMDeployment(LLMServer):
 
     async def num_unfinished_requests(self) -> int:
         # Requests the engine still holds (running or waiting): what an abort must bring back to 0.
-        # ray.serve.llm keeps the vLLM AsyncLLM client private; this is a read-only peek at it.
-        return self.engine._engine_client.get_num_unfinished_requests()
+        from ray_app.serve.internals import engine_unfinished_requests
+
+        return engine_unfinished_requests(self)
 
 
 def to_llm_config(model: LLMConfigModel, model_path: str) -> LLMConfig:

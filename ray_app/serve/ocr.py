@@ -6,7 +6,7 @@ import asyncio
 
 from ray import serve
 
-from ray_app.documents.ocr import TesseractOCR
+from ray_app.documents.ocr import OCRError, TesseractOCR, TooLarge
 from ray_app.documents.parse import Element, ParsedDocument, RefusedFile, file_format
 from ray_app.documents.processing import ocr_elements
 from ray_app.serve.config import OCRServeConfig
@@ -14,7 +14,7 @@ from ray_app.serve.config import OCRServeConfig
 
 class OCRServer:
     def __init__(self, config: OCRServeConfig):
-        self.ocr = TesseractOCR(config.ocr)
+        self.ocr = TesseractOCR(config.ocr, limits=config.limits)
         # Tesseract runs as a subprocess per page: bound how many run at once on this replica.
         self._slots = asyncio.Semaphore(config.concurrency)
 
@@ -25,18 +25,14 @@ class OCRServer:
             raise RefusedFile("unsupported_type", f"OCR takes an image or a PDF, not {fmt!r}")
         async with self._slots:
             try:
-                pages = await asyncio.to_thread(self.ocr.pdf if fmt == "pdf" else self._image, data)
+                pages = await asyncio.to_thread(self.ocr.pdf if fmt == "pdf" else self.ocr.frames, data)
+            except TooLarge as e:
+                raise RefusedFile(e.code, e.message) from None
+            except OCRError as e:
+                raise RefusedFile("ocr_error", str(e)) from None
             except Exception as e:
-                raise RefusedFile("corrupt", f"cannot read the {fmt}: {type(e).__name__}: {e}") from None
+                raise RefusedFile("corrupt", f"cannot read the {fmt} ({type(e).__name__})") from None
         return [p.to_dict() for p in pages]
-
-    def _image(self, data: bytes):
-        import io
-
-        from PIL import Image, ImageSequence
-
-        frames = ImageSequence.Iterator(Image.open(io.BytesIO(data)))
-        return [self.ocr.image(frame.copy(), page=n) for n, frame in enumerate(frames, start=1)]
 
     async def elements(self, parsed: ParsedDocument, data: bytes) -> list[Element]:
         """The OCR step of an upload: the parsed document's elements plus the OCR'd pages."""

@@ -1,68 +1,60 @@
 """The serving logic behind the OpenAI routes: a plain class, tested without Ray.
 
-``OpenAIService`` resolves the requested model, calls its backend (in production a Serve
-DeploymentHandle to a ``ray.serve.llm`` replica or to the embedder; in unit tests a fake that emits
-the same objects and server-sent-event strings), turns engine errors into typed ``APIError``s,
-forwards streams, and records token usage for every request.
+``OpenAIService`` turns a request into a plan (the served model or adapter it names, or the router's
+decision for a route such as ``auto``), holds the caller's budget for it, runs it through the
+dispatcher (``ray_app.serve.dispatch``), and settles what it used with the one spend recorder before
+the answer, or a stream's ``[DONE]``, goes out. Backends are Serve DeploymentHandles in production
+(``ray.serve.llm`` replicas, the embedder, the Router deployment for cloud targets) and fakes that
+emit the same objects and server-sent-event strings in unit tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
+import math
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
+from ray_app.accounting.config import AuthConfig
+from ray_app.accounting.ledger import BudgetExceeded, Ledger
+from ray_app.accounting.recorder import CostCeilingExceeded, Outcome, SpendRecorder
 from ray_app.embedder import Embeddings, InputTooLongError
+from ray_app.router.config import Route
+from ray_app.router.policy import RoutingError, estimate_cost
+from ray_app.router.service import RouterService
+from ray_app.serve.auth import OPEN_ANONYMOUS, Caller
+from ray_app.serve.dispatch import CloudBackend, Dispatcher, LLMBackend, Plan, TargetRef
 from ray_app.serve.documents_api import DocumentsService
 from ray_app.serve.errors import (
     APIError,
+    BudgetExceededError,
     ContextLengthExceededError,
     EngineUnavailableError,
     InvalidRequestError,
     ModelNotFoundError,
-    UpstreamTimeoutError,
     from_deployment_failure,
-    from_engine_error,
-    root_cause,
-    sse_error,
+    from_routing_error,
+    internal_error,
 )
+from ray_app.serve.events import DONE, Chunks, Failed, Finished, Started, StreamEvent, sse
 from ray_app.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
-    EngineErrorResponse,
     ModelCard,
     ModelList,
-    StreamOptions,
     Usage,
 )
 
+__all__ = ["AdapterCatalog", "EmbedderBackend", "OpenAIService", "UsageRecord", "WithHeaders", "log_usage"]
+
 logger = logging.getLogger("ray_app.gateway")
-
-DONE = "data: [DONE]\n\n"
-
-
-class LLMStream(Protocol):
-    """What a backend returns for one request: an async iterator that can be cancelled.
-
-    Items are what ``ray.serve.llm``'s LLMServer yields: a response object (non-streaming), an
-    ErrorResponse, or lists of server-sent-event strings ``"data: {...}\\n\\n"`` (streaming).
-    """
-
-    def __aiter__(self) -> AsyncIterator[Any]: ...
-    async def __anext__(self) -> Any: ...
-    def cancel(self) -> None: ...
-
-
-class LLMBackend(Protocol):
-    def chat(self, request: ChatCompletionRequest) -> LLMStream: ...
-    def completions(self, request: CompletionRequest) -> LLMStream: ...
 
 
 class AdapterCatalog(Protocol):
@@ -72,23 +64,16 @@ class AdapterCatalog(Protocol):
     def model_ids(self) -> list[str]: ...
 
 
-class RouterBackend(Protocol):
-    """The ``Router`` deployment (``ray_app.serve.router.RouterServer``) behind route names like ``auto``."""
-
-    async def chat(self, request: dict[str, Any], caller: dict[str, Any]) -> tuple[dict[str, Any], Any]: ...
-    def chat_stream(self, request: dict[str, Any], caller: dict[str, Any]) -> AsyncIterator[Any]: ...
+class EmbedderBackend(Protocol):
+    async def embed(self, texts: list[str]) -> Embeddings: ...
 
 
 @dataclass
 class WithHeaders:
-    """A response body (or SSE stream) plus headers for the HTTP layer (the router's route and cost)."""
+    """A response body (or SSE stream) plus headers for the HTTP layer (route, reason, cost)."""
 
     result: dict | AsyncIterator[str]
     headers: dict[str, str]
-
-
-class EmbedderBackend(Protocol):
-    async def embed(self, texts: list[str]) -> Embeddings: ...
 
 
 @dataclass(frozen=True)
@@ -123,27 +108,34 @@ class OpenAIService:
     llms: dict[str, LLMBackend]
     embedders: dict[str, EmbedderBackend]
     cards: dict[str, ModelCard]
-    timeout_s: float = 600.0
-    on_usage: Callable[[UsageRecord], None] = log_usage
-    # model -> why it cannot serve now (None when it can); the gateway answers from Serve's status
-    unavailable: Callable[[str], Awaitable[str | None]] = _always_available
+    recorder: SpendRecorder | None = None  # default: an in-memory ledger (tests of the routes alone)
+    router: RouterService | None = None  # decides for route names (`auto`, ...)
+    cloud: CloudBackend | None = None  # the Router deployment: calls cloud targets
     documents: DocumentsService = field(default_factory=DocumentsService)
     adapters: dict[str, AdapterCatalog] = field(default_factory=dict)  # base model -> its adapters
-    router: RouterBackend | None = None
-    routes: frozenset[str] = frozenset()  # `model` values that go through the router
-    # who is calling: key id, confidentiality, headers (the gateway reads them from ray_app.serve.auth)
-    caller: Callable[[], dict[str, Any]] = dict
-    on_routed: Callable[[Any], None] = lambda info: None  # a routed request finished: RouteInfo with cost
+    timeout_s: float = 600.0
+    # model -> why it cannot serve now (None when it can); the gateway answers from Serve's status
+    unavailable: Callable[[str], Awaitable[str | None]] = _always_available
+    clock: Callable[[], float] = time.monotonic
     _known: list[str] = field(init=False)
+    _pending: set[asyncio.Task] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self._known = sorted(self.cards)
+        if self.recorder is None:
+            self.recorder = SpendRecorder(AuthConfig(), Ledger(":memory:"))
+        self.dispatcher = Dispatcher(self.llms, self.cloud, self.router.health if self.router else None,
+                                     self.recorder.share, self.clock)
+
+    @property
+    def routes(self) -> list[str]:
+        return self.router.routes if self.router is not None else []
 
     # -- models --------------------------------------------------------------------------------
 
     async def list_models(self) -> ModelList:
         cards = [self.cards[name] for name in self._known]
-        cards += [ModelCard(id=route, kind="route") for route in sorted(self.routes)]
+        cards += [ModelCard(id=route, kind="route") for route in self.routes]
         for base, catalog in self.adapters.items():
             cards += [ModelCard(id=model_id, kind="adapter", parent=base, root=model_id.split(":", 1)[1])
                       for model_id in await asyncio.to_thread(catalog.model_ids)]
@@ -178,14 +170,6 @@ class OpenAIService:
             raise InvalidRequestError(str(e), param="model") from None
         return base, resolved.model_id
 
-    async def _resolve_llm(self, model: str | None, kind: str) -> tuple[str, str]:
-        """(backend name, model id for the engine): the base itself, or a pinned adapter id on it."""
-        if model is not None and ":" in model and model not in self.cards:
-            base, model_id = await self._resolve_adapter(model)
-            return await self._resolve(base, self.llms, kind, self.embedders, "/v1/embeddings"), model_id
-        name = await self._resolve(model, self.llms, kind, self.embedders, "/v1/embeddings")
-        return name, name
-
     async def _resolve(self, model: str | None, pool: dict, kind: str, other: dict, other_route: str) -> str:
         if model is None:
             if len(pool) != 1:
@@ -201,174 +185,211 @@ class OpenAIService:
             raise InvalidRequestError(f"{model!r} is not a {kind} model; use {other_route}", param="model")
         raise ModelNotFoundError(model, self._known)
 
+    async def _resolve_llm(self, model: str | None, kind: str) -> tuple[str, str]:
+        """(backend name, model id for the engine): the base itself, or a pinned adapter on it."""
+        if model is not None and ":" in model and model not in self.cards:
+            base, model_id = await self._resolve_adapter(model)
+            return await self._resolve(base, self.llms, kind, self.embedders, "/v1/embeddings"), model_id
+        name = await self._resolve(model, self.llms, kind, self.embedders, "/v1/embeddings")
+        return name, name
+
+    # -- admission: caps and budget ------------------------------------------------------------
+
+    def _apply_caps(self, request: Any, caller: Caller, route: Route | None) -> None:
+        """Refuse what is over a cap (400); give a budgeted caller's request a max_tokens so its
+        reservation bounds what it can cost."""
+        key = caller.key
+        limits_n = [self.recorder.config.max_n, key and key.max_n, route and route.max_n]
+        max_n = min(n for n in limits_n if n)
+        if (request.n or 1) > max_n:
+            raise InvalidRequestError(f"n={request.n} is over this server's limit of {max_n} choices per request",
+                                      param="n")
+        caps = [c for c in (key and key.max_tokens, route and route.max_tokens) if c]
+        cap = min(caps) if caps else None
+        field_name = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
+        requested = getattr(request, field_name, None)
+        if cap is not None and requested is not None and requested > cap:
+            raise InvalidRequestError(f"{field_name}={requested} is over the limit of {cap} for this "
+                                      f"{'key' if key and key.max_tokens == cap else 'route'}", param=field_name)
+        if requested is None and (cap is not None or (key is not None and self.recorder.budget(key) is not None)):
+            request.max_tokens = cap or self.recorder.config.default_max_tokens
+
+    async def _reserve(self, caller: Caller, estimate_usd: float) -> str | None:
+        try:
+            return await self.recorder.reserve(caller.key, estimate_usd)
+        except BudgetExceeded as e:
+            raise BudgetExceededError(str(e)) from None
+        except CostCeilingExceeded as e:
+            raise BudgetExceededError(str(e), code="cost_ceiling_exceeded") from None
+
+    def _estimate(self, plan: Plan, request: Any) -> float:
+        completion = (request.n or 1) * (getattr(request, "max_completion_tokens", None) or request.max_tokens or 0)
+        if plan.direct:
+            return self.recorder.estimate_local(plan.targets[0].backend, completion)
+        return max(estimate_cost(self.router.config.target(t.name), plan.features) for t in plan.targets)
+
+    # -- plans ---------------------------------------------------------------------------------
+
+    async def _plan(self, request: Any, caller: Caller, endpoint: str,
+                    retrieved: list[str]) -> tuple[Plan, dict[str, Any] | None]:
+        """What the request runs on, and (for routes) the request as a dict, made once for the
+        PII scan and the cloud targets."""
+        if endpoint == "chat" and request.model in self.routes:
+            route = self.router.config.routes[request.model]
+            self._apply_caps(request, caller, route)
+            body = request.model_dump(mode="json", exclude_unset=True)
+            # the full-text PII scan is linear but can take milliseconds on a long prompt: off the loop
+            features = await asyncio.to_thread(
+                self.router.features, body, caller.headers, caller.confidential, retrieved,
+                caller.key.max_request_usd if caller.key else None)
+            try:
+                decision = self.router.decide(features)
+            except RoutingError as e:
+                raise from_routing_error(e) from None
+            targets = []
+            for name in decision.chain:
+                t = self.router.config.target(name)
+                targets.append(TargetRef(name, "local" if t.kind == "local" else "cloud", t.model if t.kind == "local"
+                                         else name, t.model, t.timeout_s))
+            return Plan(decision.route, targets, "chat", decision.reasons, features), body
+        self._apply_caps(request, caller, None)
+        name, model_id = await self._resolve_llm(request.model, "chat" if endpoint == "chat" else "completion")
+        return Plan("direct", [TargetRef(name, "local", name, model_id, self.timeout_s)], endpoint), None
+
     # -- chat and text completions -------------------------------------------------------------
 
-    async def chat(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str] | WithHeaders:
-        if self.router is not None and request.model in self.routes:
-            return await self._route(request)
-        name, model_id = await self._resolve_llm(request.model, "chat")
-        rag = (request.model_extra or {}).pop("rag", None)
-        if rag is None:
-            return await self._generate(name, model_id, request, "chat")
-        # retrieval-augmented: numbered sources go into the prompt, citations come back with the answer
-        request.messages, citations, _ = await self.documents.augment(list(request.messages), rag)
-        return await self._generate(name, model_id, request, "chat", extra={"citations": citations})
-
-    async def _route(self, request: ChatCompletionRequest) -> WithHeaders:
-        """A chat whose ``model`` is a route: the router picks the target, falls back, and charges."""
-        caller = self.caller()
+    async def chat(self, request: ChatCompletionRequest, caller: Caller = OPEN_ANONYMOUS) -> dict | WithHeaders:
         extra: dict[str, Any] = {}
+        retrieved: list[str] = []
         if (rag := (request.model_extra or {}).pop("rag", None)) is not None:
-            request.messages, citations, passages = await self.documents.augment(list(request.messages), rag)
-            # a confidential chunk in the prompt keeps the request on local targets
-            caller["retrieved"] = [getattr(p, "sensitivity", None) or "internal" for p in passages]
-            extra["citations"] = citations
-        body = request.model_dump(mode="json", exclude_unset=True)
-        try:
-            if not request.stream:
-                result, info = await self.router.chat(body, caller)
-                self.on_routed(info)
-                return WithHeaders(result | extra, info.headers())
-            stream = self.router.chat_stream(body, caller)
-            info = await anext(stream)
-        except Exception as exc:  # errors raised in the router arrive wrapped by Ray
-            raise from_deployment_failure(root_cause(exc), "router") from exc
-        return WithHeaders(self._forward_routed(stream, extra), info.headers())
+            # retrieval-augmented: numbered sources go into the prompt, citations come back with the answer
+            request.messages, extra["citations"], passages = await self.documents.augment(
+                list(request.messages), rag, caller)
+            retrieved = [p.sensitivity for p in passages]  # a confidential chunk keeps the request local
+        plan, body = await self._plan(request, caller, "chat", retrieved)
+        return await self._run(plan, request, body, caller, extra)
 
-    async def _forward_routed(self, stream: Any, extra: dict[str, Any]) -> AsyncIterator[str]:
-        finished = False
+    async def completions(self, request: CompletionRequest, caller: Caller = OPEN_ANONYMOUS) -> dict | WithHeaders:
+        plan, body = await self._plan(request, caller, "completions", [])
+        return await self._run(plan, request, body, caller, {})
+
+    async def _run(self, plan: Plan, request: Any, body: dict[str, Any] | None, caller: Caller,
+                   extra: dict[str, Any]) -> dict | WithHeaders:
+        reservation = await self._reserve(caller, self._estimate(plan, request))
+        outcome = Outcome(plan.route, plan.targets[0].name if plan.targets else "-", request.model or "-",
+                          started=self.clock())
+        if not request.stream:
+            try:
+                answer, info = await self.dispatcher.complete(plan, request, body, outcome)
+            except BaseException as exc:
+                await self._settle_failure(caller, reservation, outcome, exc)
+                raise self._client_error(exc) from None
+            cost = await self._settle(caller, reservation, outcome, plan.endpoint, False)
+            if info is not None:
+                info.cost_usd = cost
+            headers = info.headers() if info is not None else {"x-ray-app-cost-usd": f"{cost:.8f}"}
+            return WithHeaders(answer | extra, headers)
+
+        client_wants_usage = bool(request.stream_options and request.stream_options.include_usage)
+        events = self.dispatcher.stream(plan, request, body, outcome, self.timeout_s)
         try:
-            async for item in stream:
-                if not isinstance(item, str):  # the closing RouteInfo, with the cost
-                    self.on_routed(item)
-                    continue
-                if extra and item.startswith("data: {"):
-                    item = f"data: {json.dumps(json.loads(item[len('data: '):]) | extra)}\n\n"
-                    extra = {}
-                yield item
-            finished = True
-        except Exception as exc:  # the router replica died mid-stream: tell the client in-band
-            finished = True
-            yield sse_error(from_deployment_failure(root_cause(exc), "router"))
+            started = await anext(events)
+        except BaseException as exc:
+            await events.aclose()
+            await self._settle_failure(caller, reservation, outcome, exc)
+            raise self._client_error(exc) from None
+        assert isinstance(started, Started)
+        stream = self._sse(events, caller, reservation, outcome, extra, client_wants_usage, plan.endpoint)
+        return WithHeaders(stream, started.info.headers() if started.info else {})
+
+    async def _sse(self, events: AsyncIterator[StreamEvent], caller: Caller, reservation: str | None,
+                   outcome: Outcome, extra: dict[str, Any], client_wants_usage: bool,
+                   endpoint: str) -> AsyncIterator[str]:
+        settled = False
+        ttft: float | None = None
+        try:
+            try:
+                async for event in events:
+                    if isinstance(event, Chunks):
+                        out = []
+                        for chunk in event.items:
+                            if chunk.is_usage and not client_wants_usage:
+                                continue
+                            if extra:
+                                chunk, extra = chunk.merged(extra), {}
+                            out.append(sse(chunk))
+                        if out:
+                            ttft = ttft if ttft is not None else self.clock() - outcome.started
+                            yield "".join(out)
+                    elif isinstance(event, Failed):
+                        yield sse(event)
+                    elif isinstance(event, Finished):
+                        # durable before the client hears the stream is complete
+                        await self._settle(caller, reservation, outcome, endpoint, True, ttft)
+                        settled = True
+            except (APIError, RoutingError) as exc:
+                yield sse(Failed(self._client_error(exc)))
+            except Exception as exc:  # a broken replica mid-stream: tell the client in-band
+                yield sse(Failed(from_deployment_failure(exc, outcome.target)))
         finally:
-            if not finished and hasattr(stream, "cancel"):
-                stream.cancel()  # the client went away: the router cancels its target's request
+            await events.aclose()  # the client went away: the target's request is cancelled
+            if not settled:
+                # the client is gone (or the stream broke): charge what was used, off this cancelled task
+                task = asyncio.get_running_loop().create_task(
+                    self._settle(caller, reservation, outcome, endpoint, True, ttft))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
         yield DONE
 
-    async def completions(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
-        name, model_id = await self._resolve_llm(request.model, "completion")
-        return await self._generate(name, model_id, request, "completions")
+    def _client_error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, RoutingError):
+            return from_routing_error(exc)
+        if isinstance(exc, (APIError, asyncio.CancelledError)):
+            return exc
+        return internal_error(exc, "while generating")
 
-    async def _generate(self, name: str, model_id: str, request: Any, endpoint: str,
-                        extra: dict[str, Any] | None = None) -> dict | AsyncIterator[str]:
-        """Run ``request`` on backend ``name`` as ``model_id`` (the base, or a pinned adapter on it);
-        ``extra`` fields are added to the response (its first chunk when streaming)."""
-        request.model = model_id
-        started = time.perf_counter()
-        client_wants_usage = bool(request.stream and request.stream_options and request.stream_options.include_usage)
-        if request.stream:
-            # Always ask the engine for usage so every request is accounted; the usage chunk is
-            # forwarded only when the client asked for it (OpenAI's `stream_options.include_usage`).
-            request.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=False)
-        backend = self.llms[name]
-        stream = getattr(backend, endpoint)(request)
+    async def _settle(self, caller: Caller, reservation: str | None, outcome: Outcome, endpoint: str,
+                      stream: bool, ttft: float | None = None) -> float:
+        cost = await self.recorder.settle(caller.key, reservation, outcome, caller.estimated_tokens)
+        log_usage(UsageRecord(outcome.model, endpoint, stream, outcome.prompt_tokens, outcome.completion_tokens,
+                              self.clock() - outcome.started, ttft))
+        return cost
+
+    async def _settle_failure(self, caller: Caller, reservation: str | None, outcome: Outcome,
+                              exc: BaseException) -> None:
+        """A request that reached a target and failed: its row says so (and charges any replica time)."""
+        outcome.status = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
         try:
-            async with asyncio.timeout(self.timeout_s):
-                first = await anext(stream)
-        except StopAsyncIteration:
-            raise APIError(f"{name!r} returned no response") from None
-        except TimeoutError:
-            stream.cancel()
-            raise UpstreamTimeoutError(f"{name!r} did not answer within {self.timeout_s:g} s") from None
-        except asyncio.CancelledError:  # the client went away before the first token
-            stream.cancel()
-            raise
-        except Exception as exc:
-            stream.cancel()
-            raise from_deployment_failure(exc, name) from exc
-
-        head = first[0] if isinstance(first, list) and first else first
-        if _is_error(head):
-            raise from_engine_error(head.error.code, head.error.message, head.error.type, head.error.param)
-        if not request.stream:
-            body = head.model_dump() | (extra or {})
-            usage = body.get("usage") or {}
-            self.on_usage(UsageRecord(name, endpoint, False, usage.get("prompt_tokens", 0),
-                                      usage.get("completion_tokens", 0), time.perf_counter() - started))
-            return body
-        return self._forward_stream(name, endpoint, first, stream, client_wants_usage, started, extra)
-
-    async def _forward_stream(self, name: str, endpoint: str, first: Any, stream: LLMStream,
-                              client_wants_usage: bool, started: float,
-                              extra: dict[str, Any] | None = None) -> AsyncIterator[str]:
-        usage = Usage()
-        ttft: float | None = None
-        finished = False
-        deadline = started + self.timeout_s
-        try:
-            item = first
-            while True:
-                # One write per batch the replica sends: every write is a message to the HTTP proxy.
-                out = []
-                for packet in item if isinstance(item, list) else [item]:
-                    if _is_error(packet):
-                        out.append(sse_error(from_engine_error(packet.error.code, packet.error.message)))
-                        continue
-                    text = packet if isinstance(packet, str) else f"data: {packet.model_dump_json()}\n\n"
-                    if '"usage":{' in text and '"choices":[]' in text:
-                        usage = Usage(**json.loads(text[len("data: "):])["usage"])
-                        if not client_wants_usage:
-                            continue
-                    if extra and text.startswith("data: {"):
-                        text = f"data: {json.dumps(json.loads(text[len('data: '):]) | extra)}\n\n"
-                        extra = None
-                    out.append(text)
-                if out:
-                    if ttft is None and out[0] != DONE:
-                        ttft = time.perf_counter() - started
-                    yield "".join(out)
-                try:
-                    async with asyncio.timeout(max(deadline - time.perf_counter(), 0)):
-                        item = await anext(stream)
-                except StopAsyncIteration:
-                    break
-            finished = True
-        except TimeoutError:
-            finished = True
-            yield sse_error(UpstreamTimeoutError(f"{name!r} did not finish within {self.timeout_s:g} s"))
-            yield DONE
-        except APIError as exc:
-            finished = True
-            yield sse_error(exc)
-            yield DONE
-        except Exception as exc:  # a replica died mid-stream: tell the client in-band
-            finished = True
-            yield sse_error(from_deployment_failure(exc, name))
-            yield DONE
-        finally:
-            if not finished:
-                # The client went away (or the gateway is shutting down): cancel the replica's
-                # request so the engine aborts it and frees its slot and KV cache.
-                stream.cancel()
-            self.on_usage(UsageRecord(name, endpoint, True, usage.prompt_tokens, usage.completion_tokens,
-                                      time.perf_counter() - started, ttft))
+            await asyncio.shield(self.recorder.settle(caller.key, reservation, outcome, caller.estimated_tokens))
+        except Exception:
+            logger.exception("could not record a failed request in the ledger")
 
     # -- embeddings ----------------------------------------------------------------------------
 
-    async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResponse:
+    async def embeddings(self, request: EmbeddingRequest, caller: Caller = OPEN_ANONYMOUS) -> WithHeaders:
         name = await self._resolve(request.model, self.embedders, "embedding", self.llms, "/v1/chat/completions")
-        started = time.perf_counter()
         texts = request.texts
+        estimate = self.recorder.estimate_local(name, math.ceil(sum(len(t) for t in texts) / 400))
+        reservation = await self._reserve(caller, estimate)
+        outcome = Outcome("direct", name, name, started=self.clock())
+        share = self.recorder.share(name)
+        token = share.start()
         try:
             result = await self.embedders[name].embed(texts)
-        except InputTooLongError as exc:
-            cause = getattr(exc, "cause", exc)  # Ray wraps the replica's exception
-            raise ContextLengthExceededError(str(InputTooLongError(cause.index, cause.tokens, cause.limit)),
-                                             param="input") from None
-        except Exception as exc:
+        except BaseException as exc:
+            outcome.replica_s[name] = share.stop(token)
+            await self._settle_failure(caller, reservation, outcome, exc)
+            if isinstance(exc, InputTooLongError):
+                cause = getattr(exc, "cause", exc)  # Ray wraps the replica's exception
+                raise ContextLengthExceededError(str(InputTooLongError(cause.index, cause.tokens, cause.limit)),
+                                                 param="input") from None
+            if isinstance(exc, (APIError, asyncio.CancelledError)):
+                raise
             raise from_deployment_failure(exc, name) from exc
+        outcome.replica_s[name] = share.stop(token)
         vectors = result.vectors
         if request.dimensions is not None and request.dimensions != vectors.shape[1]:
+            await self._settle_failure(caller, reservation, outcome, ValueError("dimensions"))
             raise InvalidRequestError(
                 f"{name!r} produces {vectors.shape[1]}-dimensional embeddings and cannot shorten them; "
                 f"omit `dimensions` or set it to {vectors.shape[1]}", param="dimensions")
@@ -377,11 +398,8 @@ class OpenAIService:
                     for i, v in enumerate(vectors)]
         else:
             data = [EmbeddingData(index=i, embedding=v.tolist()) for i, v in enumerate(vectors)]
-        prompt_tokens = sum(result.token_counts)
-        self.on_usage(UsageRecord(name, "embeddings", False, prompt_tokens, 0, time.perf_counter() - started))
-        return EmbeddingResponse(data=data, model=name,
-                                 usage=Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens))
-
-
-def _is_error(item: Any) -> bool:
-    return isinstance(item, EngineErrorResponse)
+        outcome.prompt_tokens = sum(result.token_counts)
+        cost = await self._settle(caller, reservation, outcome, "embeddings", False)
+        response = EmbeddingResponse(data=data, model=name, usage=Usage(prompt_tokens=outcome.prompt_tokens,
+                                                                       total_tokens=outcome.prompt_tokens))
+        return WithHeaders(response.model_dump(), {"x-ray-app-cost-usd": f"{cost:.8f}"})

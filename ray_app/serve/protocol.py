@@ -10,11 +10,34 @@ from __future__ import annotations
 import time
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from ray.llm._internal.serve.core.configs.openai_api_models import _ErrorResponse as EngineErrorResponse
-from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray.serve.llm.openai_api_models import ChatCompletionRequest as _EngineChatRequest
+from ray.serve.llm.openai_api_models import CompletionRequest as _EngineCompletionRequest
 
-# EngineErrorResponse is vLLM's ErrorResponse; replicas yield it or ray.serve.llm's subclass of it.
+from ray_app.serve.internals import EngineErrorResponse  # what a replica yields for an engine error
+
+
+class _RobustValidation:
+    """vLLM's request models run validators that assume their input's shape (``for msg in messages``
+    on a null ``messages``): what they raise is a bad request (400), not a server error."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _bad_input_is_a_validation_error(cls, data, handler):
+        try:
+            return handler(data)
+        except (TypeError, AttributeError, KeyError, IndexError) as e:
+            raise ValueError(f"malformed request ({type(e).__name__}: {e})") from None
+
+
+class ChatCompletionRequest(_RobustValidation, _EngineChatRequest):
+    pass
+
+
+class CompletionRequest(_RobustValidation, _EngineCompletionRequest):
+    pass
+
+
 # vLLM moves StreamOptions between modules across releases; take it from the field that uses it.
 StreamOptions = next(
     t for t in get_args(ChatCompletionRequest.model_fields["stream_options"].annotation) if t is not type(None)

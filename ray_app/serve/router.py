@@ -1,35 +1,20 @@
-"""The ``Router`` deployment: a thin Serve host for ``RouterService`` between the gateway and the models.
+"""The ``Router`` deployment: the cloud targets' provider clients, off the HTTP ingress.
 
-Local targets are reached through the LLM deployments' handles (the same ``OpenAIService`` path the
-gateway uses for a named model, so timeouts and engine errors behave alike); cloud targets through
-their SDK clients. A cloud target whose credentials are missing is not deployed: the router reports
-why in ``/health`` and routes around it, so the offline defaults work with only local models.
+The gateway decides (``RouterService``, in process) and streams local targets itself; this
+deployment is in the data path only when a cloud target answers: it holds the SDK clients
+(``openai`` for OpenAI and Azure OpenAI, ``boto3`` for Bedrock), their credentials from its
+environment and their retries. A cloud target whose credentials are missing is not deployed: the
+gateway reads ``deployed()`` and routes around it, and ``/health`` says why.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Any
 
-from ray.serve.handle import DeploymentHandle
-
 from ray_app.router.config import RouterConfig, Target
-from ray_app.router.ledger import Ledger
-from ray_app.router.policy import ContextTooLongError, PrivacyError, RoutingError, UnknownRouteError
-from ray_app.router.providers import LocalProvider, Provider, ProviderError, make_provider
-from ray_app.router.service import AllTargetsFailed, RouteInfo, RouterService
-from ray_app.serve.errors import (
-    APIError,
-    ContextLengthExceededError,
-    EngineUnavailableError,
-    ModelNotFoundError,
-    from_engine_error,
-)
-from ray_app.serve.openai_api import DONE, OpenAIService, log_usage
-from ray_app.serve.protocol import ChatCompletionRequest, ModelCard
+from ray_app.router.providers import Provider, ProviderError, make_provider
 
 
 def _missing_credentials(target: Target) -> str | None:
@@ -41,108 +26,38 @@ def _missing_credentials(target: Target) -> str | None:
     return None
 
 
-def to_api_error(exc: Exception) -> APIError:
-    """The client-facing error for a routing or provider failure."""
-    if isinstance(exc, UnknownRouteError):
-        return ModelNotFoundError(str(exc).splitlines()[0].removeprefix("unknown route ").strip("'"), [])
-    if isinstance(exc, PrivacyError):
-        return EngineUnavailableError(str(exc), code="no_local_target", headers={"retry-after": "5"})
-    if isinstance(exc, ContextTooLongError):
-        return ContextLengthExceededError(str(exc), param="messages")
-    if isinstance(exc, (RoutingError, AllTargetsFailed)):
-        return EngineUnavailableError(str(exc), code="no_target_available", headers={"retry-after": "5"})
-    if isinstance(exc, ProviderError):  # a client error a target reported (the request itself is bad)
-        return from_engine_error(exc.status or 400, str(exc))
-    raise exc
+class CloudProviders:
+    """Provider clients for every cloud target of a router config that has credentials here."""
 
-
-class RouterServer:
-    def __init__(self, config: RouterConfig, llms: dict[str, DeploymentHandle], llm_replicas: dict[str, int]):
-        from ray_app.serve.gateway import HandleLLM
-
-        local_timeout = max((t.timeout_s for t in config.targets if t.kind == "local"), default=600.0)
-        self._local = OpenAIService(
-            llms={name: HandleLLM(h) for name, h in llms.items()}, embedders={},
-            cards={name: ModelCard(id=name, kind="llm") for name in llms}, timeout_s=local_timeout,
-            on_usage=log_usage)  # metrics and logs; the router's ledger accounts for the spend
-        providers: dict[str, Provider] = {}
-        unavailable: dict[str, str] = {}
+    def __init__(self, config: RouterConfig, environ: dict[str, str] | None = None):
+        self.providers: dict[str, Provider] = {}
+        self.unavailable: dict[str, str] = {}
         for target in config.targets:
             if target.kind == "local":
-                providers[target.name] = LocalProvider(target, partial(self._local_chat, target.name),
-                                                       partial(self._local_stream, target.name))
                 continue
             try:
                 if (why := _missing_credentials(target)) is not None:
                     raise ValueError(why)
-                providers[target.name] = make_provider(target, os.environ)
+                self.providers[target.name] = make_provider(target, os.environ if environ is None else environ)
             except ValueError as e:
-                unavailable[target.name] = str(e)
-        self.service = RouterService(
-            config, providers, Ledger(config.ledger_path()), unavailable=unavailable,
-            replicas={t.name: llm_replicas.get(t.model, 1) for t in config.targets if t.kind == "local"})
+                self.unavailable[target.name] = str(e)
 
-    # -- local targets -------------------------------------------------------------------------
+    def deployed(self) -> dict[str, str | None]:
+        """Cloud target -> None when it can take requests, else why not."""
+        return {name: None for name in self.providers} | self.unavailable
 
-    async def _local_chat(self, target: str, request: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return await self._local.chat(ChatCompletionRequest.model_validate(request | {"stream": False}))
-        except APIError as e:
-            raise ProviderError(target, e.message, e.status_code, e.status_code in (429, 503, 504)) from None
+    def _provider(self, target: str) -> Provider:
+        if target not in self.providers:
+            raise ProviderError(target, self.unavailable.get(target, "not a cloud target of this router"), 503,
+                                retryable=False)
+        return self.providers[target]
 
-    async def _local_stream(self, target: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        body = request | {"stream": True, "stream_options": {"include_usage": True}}
-        try:
-            events = await self._local.chat(ChatCompletionRequest.model_validate(body))
-        except APIError as e:
-            raise ProviderError(target, e.message, e.status_code, e.status_code in (429, 503, 504)) from None
-        try:
-            async for text in events:
-                for event in text.split("\n\n"):
-                    if not event.startswith("data: ") or event == DONE.strip():
-                        continue
-                    data = json.loads(event[len("data: "):])
-                    if "error" in data:
-                        raise ProviderError(target, data["error"].get("message", "engine error"))
-                    yield data
-        finally:
-            await events.aclose()  # stopped early (client gone): the engine aborts the request
+    async def chat(self, target: str, request: dict[str, Any]) -> dict[str, Any]:
+        return await self._provider(target).chat(request)
 
-    # -- what the gateway calls ----------------------------------------------------------------
+    async def stream(self, target: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in self._provider(target).stream(request):
+            yield chunk
 
-    def _features(self, request: dict[str, Any], caller: dict[str, Any]):
-        return self.service.features(request, headers=caller.get("headers"),
-                                     confidential_key=caller.get("confidential", False),
-                                     retrieved_sensitivities=caller.get("retrieved", ()))
 
-    async def chat(self, request: dict[str, Any], caller: dict[str, Any]) -> tuple[dict[str, Any], RouteInfo]:
-        try:
-            routed = await self.service.chat(request, features=self._features(request, caller),
-                                             key_id=caller.get("key_id"))
-        except Exception as e:
-            raise to_api_error(e) from None
-        return routed.body, routed.info
-
-    async def chat_stream(self, request: dict[str, Any], caller: dict[str, Any]) -> AsyncIterator[Any]:
-        """The ``RouteInfo`` first, then SSE text, then the final ``RouteInfo`` with the cost."""
-        client_wants_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-        try:
-            async for event in self.service.stream(request, features=self._features(request, caller),
-                                                   key_id=caller.get("key_id")):
-                if "route" in event or "done" in event:
-                    yield event.get("route") or event["done"]
-                elif "error" in event:
-                    yield f"data: {json.dumps({'error': {'message': event['error']['message'], 'type': 'server_error', 'param': None, 'code': 'upstream_error'}})}\n\n"
-                elif event.get("usage") and not event.get("choices"):
-                    if client_wants_usage:
-                        yield f"data: {json.dumps(event)}\n\n"
-                else:
-                    yield f"data: {json.dumps(event)}\n\n"
-        except Exception as e:
-            raise to_api_error(e) from None
-
-    def routes(self) -> list[str]:
-        return self.service.routes
-
-    def health(self) -> dict[str, dict[str, Any]]:
-        return self.service.health_report()
+RouterServer = CloudProviders  # the deployment class: nothing to add for Serve

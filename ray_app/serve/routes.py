@@ -1,24 +1,31 @@
 """The OpenAI-compatible HTTP routes: glue between FastAPI and ``OpenAIService``.
 
-``build_api`` returns a plain FastAPI app, so the routes, the error format and the body limit are
-tested in-process; the Serve ``Gateway`` deployment only hosts what this returns.
+``build_api`` returns a plain FastAPI app, so the routes, the error format, keys and the body limit
+are tested in-process; the Serve ``Gateway`` deployment only hosts what this returns.
+
+Middleware order (outermost first): CORS (answers preflights, adds its headers to every answer,
+errors included), ``KeyAuth`` (on the headers alone: no body is read for a caller that is refused),
+``BodySizeLimit``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Annotated, AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI, File, Form, UploadFile
+from fastapi import Depends, FastAPI, File, Form, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
+from pydantic import Field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ray_app.documents.config import Sensitivity
+from ray_app.accounting.ledger import Ledger
+from ray_app.accounting.usage import UsageQuery
 from ray_app.documents.retrieval import RetrieveRequest
+from ray_app.schema import Strict
+from ray_app.sensitivity import Sensitivity
+from ray_app.serve.auth import Auth, Caller, KeyAuth, caller_of
 from ray_app.serve.config import GatewayConfig
-from ray_app.serve.auth import CALLER, Auth, KeyAuth
 from ray_app.serve.errors import BodySizeLimit, InvalidRequestError, NotFoundError, install_error_handlers
 from ray_app.serve.openai_api import OpenAIService, WithHeaders
 from ray_app.serve.protocol import (
@@ -30,6 +37,8 @@ from ray_app.serve.protocol import (
     ModelList,
 )
 
+CallerDep = Annotated[Caller, Depends(caller_of)]
+
 
 @dataclass
 class HealthReport:
@@ -37,6 +46,13 @@ class HealthReport:
     deployments: dict[str, str] = field(default_factory=dict)
     detail: str = ""
     targets: dict[str, dict] | None = None  # the router's targets: deployed or why not, breaker, error rate
+
+
+class CollectionCreate(Strict):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    default_sensitivity: Sensitivity | None = Field(
+        None, description="Label of uploads that name none; default: the server's `knowledge.default_sensitivity`.")
+    embedder: str | None = Field(None, description="Must be the knowledge base's embedder (the default).")
 
 
 def _respond(result: dict | AsyncIterator[str] | WithHeaders) -> Response:
@@ -51,18 +67,19 @@ def _respond(result: dict | AsyncIterator[str] | WithHeaders) -> Response:
 
 def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[], Awaitable[HealthReport]],
               route_limits: dict[str, int] | None = None,
-              system_status: Callable[[], Awaitable[dict]] | None = None, auth: Auth | None = None) -> FastAPI:
-    """The app; ``route_limits`` gives path prefixes (uploads, OCR) body limits of their own;
-    ``auth`` (the router's keys) guards every ``/v1`` route and serves ``/v1/usage``."""
+              system_status: Callable[[], Awaitable[dict]] | None = None, auth: Auth | None = None,
+              ledger: Ledger | None = None) -> FastAPI:
+    """The app; ``route_limits`` gives path prefixes (uploads, OCR) body limits of their own; ``auth``
+    admits callers (none: everyone is the open anonymous caller); ``ledger`` serves ``/v1/usage``."""
     app = FastAPI(title="ray_app", description="OpenAI-compatible API over Ray Serve", version="1")
     install_error_handlers(app)
+    # add_middleware puts each one outside the ones added before it
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes, route_limits=route_limits)
+    if auth is not None:
+        app.add_middleware(KeyAuth, auth=auth)
     if config.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_allow_origins,
                            allow_methods=["*"], allow_headers=["*"])
-    if auth is not None:
-        app.add_middleware(KeyAuth, auth=auth)
-    # Added last so it runs first: oversized bodies are refused before anything parses them.
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes, route_limits=route_limits)
     documents = service.documents
 
     @app.get("/v1/models", response_model=ModelList)
@@ -74,78 +91,78 @@ def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[]
         return await service.get_model(model)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
-        return _respond(await service.chat(body))
+    async def chat_completions(body: ChatCompletionRequest, caller: CallerDep) -> Response:
+        return _respond(await service.chat(body, caller))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
-        return _respond(await service.completions(body))
+    async def completions(body: CompletionRequest, caller: CallerDep) -> Response:
+        return _respond(await service.completions(body, caller))
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
-    async def embeddings(body: EmbeddingRequest) -> EmbeddingResponse:
-        return await service.embeddings(body)
+    async def embeddings(body: EmbeddingRequest, caller: CallerDep) -> Response:
+        return _respond(await service.embeddings(body, caller))
 
     @app.post("/v1/retrieve")
-    async def retrieve(body: RetrieveRequest) -> JSONResponse:
-        return JSONResponse(await documents.retrieve(body))
+    async def retrieve(body: RetrieveRequest, caller: CallerDep) -> JSONResponse:
+        return JSONResponse(await documents.retrieve(body, caller))
 
     @app.post("/v1/ocr")
     async def ocr(file: UploadFile = File(description="An image (PNG, JPEG, TIFF, ...) or a PDF.")) -> JSONResponse:
         return JSONResponse(await documents.ocr(file.filename or "upload", await file.read()))
 
     @app.get("/v1/collections")
-    async def collections() -> JSONResponse:
-        return JSONResponse(await documents.collections())
+    async def collections(caller: CallerDep) -> JSONResponse:
+        return JSONResponse(await documents.collections(caller))
+
+    @app.post("/v1/collections", status_code=201)
+    async def create_collection(body: CollectionCreate, caller: CallerDep) -> JSONResponse:
+        return JSONResponse(await documents.create_collection(body.name, body.default_sensitivity, caller,
+                                                              body.embedder), status_code=201)
+
+    @app.delete("/v1/collections/{collection}")
+    async def drop_collection(collection: str, caller: CallerDep) -> JSONResponse:
+        return JSONResponse(await documents.drop_collection(collection, caller))
 
     @app.post("/v1/collections/{collection}/documents")
-    async def upload(collection: str, file: UploadFile = File(description="A document to index."),
+    async def upload(collection: str, caller: CallerDep, file: UploadFile = File(description="A document to index."),
                      sensitivity: Sensitivity | None = Form(None)) -> JSONResponse:
-        result = await documents.upload(collection, file.filename or "upload", await file.read(), sensitivity)
+        result = await documents.upload(collection, file.filename or "upload", await file.read(), sensitivity, caller)
         return JSONResponse(result, status_code=201 if result["status"] == "indexed" else 200)
 
     @app.delete("/v1/collections/{collection}/documents/{doc_id}")
-    async def delete_document(collection: str, doc_id: str) -> JSONResponse:
-        return JSONResponse(await documents.delete_document(collection, doc_id))
+    async def delete_document(collection: str, doc_id: str, caller: CallerDep) -> JSONResponse:
+        return JSONResponse(await documents.delete_document(collection, doc_id, caller))
 
     @app.get("/v1/system/status")
-    async def status() -> JSONResponse:
+    async def status(caller: CallerDep) -> JSONResponse:
+        caller.require_admin("the cluster's status")
         if system_status is None:
             raise NotFoundError("system status is served by the Serve gateway only")
         return JSONResponse(await system_status())
 
     @app.get("/v1/usage")
-    async def usage(since: str | None = None, until: str | None = None, group_by: str = "key,model,day",
-                    key: str | None = None) -> JSONResponse:
-        """Spend per key, model and day (UTC). A caller with a key sees its own spend only."""
-        if auth is None:
-            raise NotFoundError("spend tracking is off: this app has no `router` configured")
-        caller = CALLER.get()
-        if caller.key is not None:
+    async def usage(caller: CallerDep, since: str | None = None, until: str | None = None,
+                    group_by: str = "key,model,day", key: str | None = None) -> JSONResponse:
+        """Spend per key, model and day (UTC). A key sees its own spend; an admin key sees every key's."""
+        if ledger is None:
+            raise NotFoundError("spend tracking is off on this server")
+        if caller.key is not None and not caller.scopes.admin:
             if key not in (None, caller.key.key_id):
                 raise InvalidRequestError("a key can only read its own usage", param="key")
             key = caller.key.key_id
-        groups = [g.strip() for g in group_by.split(",") if g.strip()]
         try:
-            bounds = [None if d is None else datetime.strptime(d, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
-                      for d in (since, until)]
-        except ValueError:
-            raise InvalidRequestError("since and until are UTC days, YYYY-MM-DD", param="since") from None
-        if until is not None:
-            bounds[1] += 86400  # inclusive: the whole last day
-        try:
-            rows = await asyncio.to_thread(auth.ledger.usage, key, bounds[0], bounds[1], groups)
+            query = UsageQuery.parse(since, until, group_by, key)
         except ValueError as e:
-            raise InvalidRequestError(str(e), param="group_by") from None
-        total = {f: sum(r[f] for r in rows) for f in ("requests", "prompt_tokens", "completion_tokens", "cost_usd")}
-        return JSONResponse({"object": "list", "data": rows, "total": total})
+            raise InvalidRequestError(str(e), param=getattr(e, "param", None)) from None
+        return JSONResponse(await asyncio.to_thread(query.run, ledger))
 
     @app.get("/health")
     async def health_check() -> JSONResponse:
         report = await health()
-        return JSONResponse(
-            {"status": "ok" if report.ready else "unavailable", "deployments": report.deployments,
-             "detail": report.detail} | ({"targets": report.targets} if report.targets is not None else {}),
-            status_code=200 if report.ready else 503,
-        )
+        body = {"status": "ok" if report.ready else "unavailable", "deployments": report.deployments,
+                "detail": report.detail, "auth": auth.mode if auth is not None else "open"}
+        if report.targets is not None:
+            body["targets"] = report.targets
+        return JSONResponse(body, status_code=200 if report.ready else 503)
 
     return app

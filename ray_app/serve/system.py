@@ -14,25 +14,16 @@ from typing import Any, Awaitable, Callable
 import httpx
 
 
-def _dashboard_url() -> str | None:
-    from ray._private.services import get_webui_url_from_internal_kv
-
-    url = get_webui_url_from_internal_kv()
-    if not url:
-        return None
-    return url if url.startswith("http") else f"http://{url}"
-
-
 async def _physical_use() -> dict[str, dict[str, Any]]:
     """node id (and IP) -> physical use, from the dashboard (empty when it is not running)."""
-    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+    from ray_app.serve.internals import dashboard_auth_headers, dashboard_url
 
-    url = await asyncio.to_thread(_dashboard_url)
+    url = await asyncio.to_thread(dashboard_url)
     if url is None:
         return {}
     try:
         async with httpx.AsyncClient(timeout=5) as http:
-            response = await http.get(f"{url}/nodes?view=summary", headers=get_auth_headers_if_auth_enabled({}))
+            response = await http.get(f"{url}/nodes?view=summary", headers=dashboard_auth_headers())
             summary = response.json()["data"]["summary"]
     except (httpx.HTTPError, KeyError, ValueError):
         return {}

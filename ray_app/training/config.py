@@ -6,26 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PositiveFloat,
-    PositiveInt,
-    ValidationError,
-    model_validator,
-)
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from ray_app.config_error import ConfigError
 from ray_app.paths import DataDir
+from ray_app.schema import Strict, load_yaml, parse
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Strict):
+class DataConfig(Strict):
     train: str = Field(description="JSONL: OpenAI chat format ({'messages': [...]}) or instruction/input/output.")
     validation: str | None = Field(None, description="Held-out JSONL; default: a fraction of `train`.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of `train` held out when no `validation`.")
@@ -34,7 +21,7 @@ class DataConfig(_Strict):
     seed: int = 0
 
 
-class LoraSettings(_Strict):
+class LoraSettings(Strict):
     r: PositiveInt = 8
     alpha: PositiveFloat = 16
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -42,7 +29,7 @@ class LoraSettings(_Strict):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
-class OptimConfig(_Strict):
+class OptimConfig(Strict):
     learning_rate: PositiveFloat = 2e-4
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps (overrides epochs).")
@@ -54,7 +41,7 @@ class OptimConfig(_Strict):
     seed: int = 0
 
 
-class ScalingSettings(_Strict):
+class ScalingSettings(Strict):
     num_workers: PositiveInt = Field(2, description="Ray Train workers (one process each; DDP across them).")
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1
@@ -62,24 +49,24 @@ class ScalingSettings(_Strict):
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra custom resources.")
 
 
-class DeepSpeedSettings(_Strict):
+class DeepSpeedSettings(Strict):
     stage: Literal[0, 2, 3] = Field(0, description="ZeRO stage; 0 = plain DDP.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU memory.")
 
 
-class CheckpointSettings(_Strict):
+class CheckpointSettings(Strict):
     every_steps: PositiveInt = Field(10, description="Report a checkpoint (adapter + optimizer) every N steps.")
     keep: PositiveInt = Field(2, description="Checkpoints kept per run.")
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default sqlite:///<data_dir>/mlflow/mlflow.db (a server URL for teams).")
     experiment: str = "ray_app"
     register_model: bool = Field(True, description="Register the trained adapter as a new model version.")
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     max_examples: PositiveInt = Field(16, description="Held-out examples generated for the task score.")
     max_new_tokens: PositiveInt = 48
     metric: Literal["rouge_l", "exact_match"] = "rouge_l"
@@ -88,7 +75,7 @@ class EvalConfig(_Strict):
         description="Prompts whose tokens must match between training and serving (the parity check).")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """A fine-tuning job: ``jobs/finetune.py --config configs/train/<job>.yaml``."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
@@ -129,20 +116,17 @@ class TrainConfig(_Strict):
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None):
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_yaml(path)
         for dotted, value in (overrides or {}).items():
             target = data
             *parents, leaf = dotted.split(".")
             for key in parents:
                 target = target.setdefault(key, {})
             target[leaf] = value
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError.from_validation_error(str(path), e) from None
+        return parse(cls, data, str(path))
 
 
-class DistillSettings(_Strict):
+class DistillSettings(Strict):
     teacher: str = Field(description="The teacher model: a prepared name, folder or Hugging Face id.")
     temperature: PositiveFloat = Field(2.0, description="Softmax temperature of the KL term.")
     kl_weight: float = Field(0.5, ge=0, le=1, description="loss = w * T^2 * KL(teacher || student) + (1 - w) * CE.")
@@ -154,14 +138,14 @@ class DistillConfig(TrainConfig):
     distill: DistillSettings
 
 
-class SearchSpace(_Strict):
+class SearchSpace(Strict):
     learning_rate: tuple[PositiveFloat, PositiveFloat] = Field((5e-5, 1e-3), description="log-uniform range")
     r: list[PositiveInt] = Field(default_factory=lambda: [4, 8, 16])
     alpha: list[PositiveFloat] = Field(default_factory=lambda: [8, 16, 32])
     dropout: tuple[float, float] = Field((0.0, 0.1), description="uniform range")
 
 
-class TuneSettings(_Strict):
+class TuneSettings(Strict):
     num_samples: PositiveInt = 8
     max_concurrent: PositiveInt = 1
     metric: str = "val_loss"

@@ -4,12 +4,19 @@ One registered model per adapter line (``TrainConfig.name``); each training run 
 with its base model, dataset hash, chat-template hash, evaluation scores and parity result. Serving
 follows aliases: ``champion`` is what ``<base>:<name>`` answers with; ``challenger`` is for trials;
 promotion refuses a version whose parity check did not pass, and keeps a history so ``rollback``
-can move ``champion`` back.
+can move ``champion`` back. Promotion and rollback read, then write, the alias and its history: they
+hold an exclusive lock for it (a file lock beside a sqlite registry, or per machine for a server), so
+two concurrent promotions cannot lose one of them from the history.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +98,22 @@ class AdapterRegistry:
                                                    tags={k: str(v) for k, v in tags.items()})
         return self.get(name, str(version.version))
 
+    @contextmanager
+    def _exclusive(self, name: str) -> Iterator[None]:
+        if self.tracking_uri.startswith("sqlite:///"):
+            folder = Path(self.tracking_uri.removeprefix("sqlite:///")).parent
+        else:
+            folder = Path(tempfile.gettempdir())
+        key = hashlib.sha256(f"{self.tracking_uri}\0{name}".encode()).hexdigest()[:16]
+        with open(folder / f".ray_app-registry-{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def promote(self, name: str, version: int, alias: str = CHAMPION, force: bool = False) -> AdapterVersion:
+        with self._exclusive(name):
+            return self._promote(name, version, alias, force)
+
+    def _promote(self, name: str, version: int, alias: str, force: bool) -> AdapterVersion:
         target = self.get(name, str(version))
         if not force and target.tags.get("parity") != "passed":
             raise PromotionRefused(
@@ -108,6 +130,10 @@ class AdapterRegistry:
 
     def rollback(self, name: str) -> AdapterVersion:
         """Move ``champion`` back to the version it pointed to before the last promotion."""
+        with self._exclusive(name):
+            return self._rollback(name)
+
+    def _rollback(self, name: str) -> AdapterVersion:
         history = self._history(name)
         if not history:
             raise PromotionRefused(f"{name}: no earlier champion to roll back to")

@@ -137,7 +137,7 @@ def clouds() -> Clouds:
     servers.bedrock.stop()
 
 
-def router_config(clouds: Clouds, ledger: Path) -> dict:
+def router_config(clouds: Clouds) -> dict:
     """configs/router.yaml's local target and routes, with the cloud targets on loopback."""
     shipped = yaml.safe_load((ROOT / "configs" / "router.yaml").read_text())
     cloud = {"price_in_per_mtok": 1.0, "price_out_per_mtok": 2.0, "context_window": 16000, "quality": 7,
@@ -157,8 +157,7 @@ def router_config(clouds: Clouds, ledger: Path) -> dict:
                        "cloud": {"targets": ["openai-loop", "bedrock-loop"], "prefer": "order"},
                        "azure": {"targets": ["azure-loop"]},
                        "private": {"targets": local, "allow_cloud": False}},
-            "policy": {"breaker": {"failure_threshold": 3, "cooldown_s": 2}},
-            "keys": {"ledger_path": str(ledger), "default_rpm": 600}}
+            "policy": {"breaker": {"failure_threshold": 3, "cooldown_s": 2}}}
 
 
 @pytest.fixture(scope="session")
@@ -172,7 +171,8 @@ def served(ray_cluster, mlflow_uri, clouds, tmp_path_factory) -> Served:
     # promotion shows within the test
     args["llms"].append(copy.deepcopy(TINY) | {"adapters": {"registry_uri": mlflow_uri, "max_per_replica": 2,
                                                             "max_rank": 16, "refresh_s": 0.5}})
-    args["router"]["config"] = router_config(clouds, tmp_path_factory.mktemp("router") / "ledger.sqlite")
+    args["router"]["config"] = router_config(clouds)
+    args["auth"] |= {"ledger_path": str(tmp_path_factory.mktemp("router") / "ledger.sqlite"), "default_rpm": 600}
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     base_url = f"http://127.0.0.1:{ray_cluster.http_port}"
     wait_for(base_url + "/health")

@@ -146,7 +146,7 @@ def test_the_router_config_is_checked_against_the_served_models(monkeypatch, tmp
     config = AppConfig.load(shipped_args() | {"data_dir": str(tmp_path)})
     router = load_router_config(config)
     assert set(router.routes) >= {"auto", "private"}
-    assert router.ledger_path() == tmp_path.resolve() / "router" / "ledger.sqlite"  # absolute, fixed at build
+    assert config.auth.ledger_file(config.paths) == tmp_path.resolve() / "router" / "ledger.sqlite"
 
     document = yaml.safe_load((ROOT / "configs" / "router.yaml").read_text())
     document["targets"][0]["model"] = "not-served"

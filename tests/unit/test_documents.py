@@ -242,3 +242,111 @@ async def test_rag_messages_cite_what_they_use(knowledge, tmp_path):
     # a context budget keeps only what fits, and only that is cited
     _, cited = rag_messages(messages, passages, max_context_chars=120)
     assert len(cited) == 1
+
+
+BOMBS = {  # name -> (maker, the refusal code)
+    "20000-pages.pdf": ("many_pages_pdf", "too_many_pages"),
+    "poster.pdf": ("huge_page_pdf", "too_large"),
+    "bomb.docx": ("zip_bomb_docx", "too_large"),
+    "frames.tiff": ("many_frames_tiff", "too_many_pages"),
+    "declared.png": ("huge_declared_png", "too_large"),
+}
+
+
+@pytest.mark.parametrize("name", BOMBS)
+def test_hostile_files_are_refused_before_they_cost_memory(name, ocr):
+    import resource
+
+    from tests import bombs
+
+    maker, code = BOMBS[name]
+    data = getattr(bombs, maker)()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(RefusedFile) as exc:
+        parse_all(name, data, ocr)
+    assert exc.value.code == code, exc.value.message
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 200, f"{name} raised the peak memory by {grown_mib:.0f} MiB"
+
+
+def test_ocr_renders_one_page_at_a_time_and_checks_each(ocr):
+    from ray_app.documents.config import DocumentLimits
+    from ray_app.documents.ocr import TooLarge, iter_pdf_pages
+    from tests import bombs
+    from tests.corpus import image_pdf
+
+    pages = iter_pdf_pages(image_pdf([["one"], ["two"], ["three"]]), 100, DocumentLimits())
+    first = next(pages)  # a generator: nothing after page 1 is rendered yet
+    assert first[0] == 1 and first[1].size == (int(612 * 100 / 72), int(792 * 100 / 72))
+    assert [n for n, _ in pages] == [2, 3]
+    with pytest.raises(TooLarge):
+        next(iter_pdf_pages(bombs.huge_page_pdf(), 200, DocumentLimits()))
+    with pytest.raises(TooLarge, match="pages"):
+        next(iter_pdf_pages(bombs.many_pages_pdf(50), 72, DocumentLimits(max_pages=10)))
+
+
+async def test_a_new_label_on_the_same_bytes_relabels_every_chunk(knowledge, tmp_path):
+    data = b"# Pay\n\nSalaries are reviewed every March. " + b"The review board meets quarterly. " * 60
+    first = await knowledge.ingest_file("kb", "pay.md", data)
+    assert first.status == "indexed" and first.sensitivity == "internal" and first.chunks > 1
+    again = await knowledge.ingest_file("kb", "pay.md", data, "confidential")
+    assert again.status == "relabelled" and again.sensitivity == "confidential"
+    passages = await knowledge.retrieve("salary review", RetrievalOptions(collection="kb", top_k=10))
+    assert passages and {p.sensitivity for p in passages} == {"confidential"}
+    assert (await knowledge.ingest_file("kb", "pay.md", data, "confidential")).status == "unchanged"
+
+
+async def test_a_replaced_document_is_searchable_throughout(knowledge, embedder):
+    # the new version is written before the old one is deleted: a crash in between loses neither
+    class CrashAfterUpsert(Exception):
+        pass
+
+    store = knowledge.store._store
+    await knowledge.ingest_file("kb", "memo.md", b"# Memo\n\nThe launch is on Monday.")
+    original_delete = store._delete_stale
+
+    def crash(*args, **kwargs):
+        raise CrashAfterUpsert
+
+    store._delete_stale = crash
+    with pytest.raises(CrashAfterUpsert):
+        await knowledge.ingest_file("kb", "memo.md", b"# Memo\n\nThe launch moved to Friday.")
+    store._delete_stale = original_delete
+    texts = " ".join(p.text for p in await knowledge.retrieve("launch", RetrievalOptions(collection="kb")))
+    assert "Friday" in texts and "Monday" in texts  # both versions: nothing was lost
+    # two versions' chunk 0s: the document is not complete, so the next ingest rewrites it, cleanly
+    redo = await knowledge.ingest_file("kb", "memo.md", b"# Memo\n\nThe launch moved to Friday.")
+    assert redo.status == "indexed"
+    texts = " ".join(p.text for p in await knowledge.retrieve("launch", RetrievalOptions(collection="kb")))
+    assert "Friday" in texts and "Monday" not in texts
+
+
+async def test_uploads_embed_in_small_batches(knowledge):
+    calls = []
+    embed = knowledge.embed
+
+    async def counting(texts):
+        calls.append(len(texts))
+        return await embed(texts)
+
+    knowledge.embed = counting
+    knowledge.upload.embed_batch = 4
+    data = b"# Long\n\n" + b"Quarterly numbers are reviewed by the finance team every month. " * 400
+    outcome = await knowledge.ingest_file("kb", "long.md", data)
+    assert outcome.chunks > 8 and max(calls) <= 4 and sum(calls) == outcome.chunks
+
+
+async def test_collections_are_created_with_a_default_label_and_dropped(knowledge):
+    from ray_app.documents.store import CollectionExists
+
+    info = await knowledge.create_collection("hr", "confidential")
+    assert info["name"] == "hr" and info["default_sensitivity"] == "confidential" and info["dimensions"] == 384
+    with pytest.raises(CollectionExists):
+        await knowledge.create_collection("hr")
+    outcome = await knowledge.ingest_file("hr", "pay.md", b"# Pay\n\nBands are reviewed yearly.")
+    assert outcome.sensitivity == "confidential"  # the collection's default, not the server's
+    with pytest.raises(ValueError, match="embeds with"):
+        await knowledge.create_collection("x", embedder="other-model")
+    await knowledge.drop_collection("hr")
+    with pytest.raises(CollectionNotFound, match="POST /v1/collections"):
+        await knowledge.ingest_file("hr", "pay.md", b"x")

@@ -20,8 +20,8 @@ def test_zero_counts_are_recorded_without_error(in_ray):
     metrics.record_ingest("handbook", "failed", 0)
     metrics.record_error(400, None)
     metrics.record_train_step("run", 0, 2.5, 0.0)
-    metrics.record_route("auto", "-", "upstream_error", 0.0)  # a failed request costs nothing
-    metrics.record_route("auto", "local-small", "ok", 1.2e-5)
+    metrics.record_spend("auto", "-", "upstream_error", 0.0)  # a failed request costs nothing
+    metrics.record_spend("auto", "local-small", "ok", 1.2e-5)
 
 
 def test_outside_ray_recording_is_a_no_op(monkeypatch):

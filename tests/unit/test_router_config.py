@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_app.config_error import ConfigError
+from ray_app.schema import ConfigError
 from ray_app.router.config import RouterConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,9 +84,16 @@ def test_self_hosted_openai_protocol_server_may_be_local():
     assert config.target("vllm").privacy == "local"
 
 
-def test_ledger_path_defaults_under_the_data_dir(tmp_path):
-    config = RouterConfig.parse({"data_dir": str(tmp_path), "targets": [_target("a")],
-                                 "routes": {"auto": {"targets": ["a"]}}})
-    assert config.ledger_path() == tmp_path.resolve() / "router" / "ledger.sqlite"
-    explicit = config.model_copy(update={"keys": config.keys.model_copy(update={"ledger_path": str(tmp_path / "x.db")})})
-    assert explicit.ledger_path() == (tmp_path / "x.db").resolve()
+def test_local_targets_of_one_model_must_agree_on_its_price():
+    with pytest.raises(ConfigError, match="disagree on hourly_rate_usd"):
+        RouterConfig.parse({
+            "targets": [_target("a", "local", model="m", hourly_rate_usd=1.0),
+                        _target("b", "local", model="m", hourly_rate_usd=2.0)],
+            "routes": {"auto": {"targets": ["a", "b"]}}})
+
+
+def test_keys_and_budgets_are_not_router_settings():
+    # they moved to the app's `auth` section; an old router config says so instead of being ignored
+    with pytest.raises(ConfigError, match="keys: Extra inputs are not permitted"):
+        RouterConfig.parse({"targets": [_target("a")], "routes": {"auto": {"targets": ["a"]}},
+                            "keys": {"default_rpm": 1}})

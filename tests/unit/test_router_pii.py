@@ -75,3 +75,77 @@ def test_luhn(digits, valid):
                                          ("FR1420041010050500013M02606", True), ("FR1420041010050500013M02607", False)])
 def test_iban(iban, valid):
     assert iban_valid(iban) is valid
+
+
+EVASIONS = [
+    ("card 4111\u00a01111\u00a01111\u00a01111", "card"),  # no-break spaces
+    ("card 4111\u20091111\u20091111\u20091111", "card"),  # thin spaces
+    ("card 4111\u20131111\u20131111\u20131111", "card"),  # en dashes
+    ("card 4111.1111.1111.1111", "card"),
+    ("card 4111_1111_1111_1111", "card"),
+    ("card 4111\u200b1111\u200b1111\u200b1111", "card"),  # zero-width spaces
+    ("card \uff14\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 \uff11\uff11\uff11\uff11", "card"),
+    ("card \u0664\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 \u0661\u0661\u0661\u0661", "card"),
+    ("call +44\u00a020\u00a07946\u00a00958", "phone"),
+    ("call +44.20.7946.0958", "phone"),
+    ("call +44_20_7946_0958", "phone"),
+    ("office (555)\u00a0123\u20134567", "phone"),
+    ("iban de89 3704 0044 0532 0130 00", "iban"),
+    ("iban De89-3704-0044-0532-0130-00", "iban"),
+    ("mail john.doe\uff20example.com", "email"),
+]
+
+
+@pytest.mark.parametrize("text, kind", EVASIONS)
+def test_lookalike_characters_and_separators_do_not_hide_pii(text, kind):
+    assert [f.kind for f in find_pii(text)] == [kind]
+
+
+def _nested_repeats(parsed) -> list[str]:
+    """Repeats with a repeat inside them in a parsed pattern (what makes a regex backtrack exponentially)."""
+    import re._constants as c
+
+    repeats = (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT)
+
+    def walk(items, inside: bool) -> list[str]:
+        found = []
+        for op, av in items:
+            if op in repeats:
+                if inside:
+                    found.append(str(op))
+                found += walk(av[2], True)
+            elif op in (c.SUBPATTERN, c.ATOMIC_GROUP):
+                found += walk(av[-1], inside)
+            elif op == c.BRANCH:
+                for branch in av[1]:
+                    found += walk(branch, inside)
+        return found
+
+    return walk(parsed, False)
+
+
+def test_no_pattern_has_a_quantifier_inside_a_quantifier():
+    import re._parser as parser
+
+    from ray_app.router.pii import PATTERNS
+
+    assert _nested_repeats(parser.parse(r"(?:a+)+")) == ["MAX_REPEAT"]  # the check itself works
+    for pattern in PATTERNS:
+        assert _nested_repeats(parser.parse(pattern.pattern)) == [], pattern.pattern
+
+
+def test_the_backtracking_input_of_the_old_phone_pattern_is_scanned_and_clean():
+    # 390 KB of "+1111...": made the old international-phone regex backtrack for seconds
+    text = (" +" + "1" * 28) * 13_000
+    assert find_pii(text) == []
+    assert [f.kind for f in find_pii(text + " call +44 20 7946 0958")] == ["phone"]
+
+
+def test_every_string_of_a_request_is_scanned():
+    from ray_app.router.pii import request_strings, scan
+
+    request = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                         {"type": "input_text", "text": "card 4111 1111 1111 1111"}]}],
+               "tools": [{"type": "function", "function": {"name": "f", "description": "mail a@b.io"}}],
+               "metadata": {"note": "+44 20 7946 0958"}}
+    assert scan(request_strings(request)) == {"card", "email", "phone"}

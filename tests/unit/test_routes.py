@@ -10,6 +10,7 @@ import numpy as np
 import openai
 import pytest
 
+from ray_app.serve import openai_api
 from ray_app.serve.config import GatewayConfig
 from ray_app.serve.openai_api import OpenAIService
 from ray_app.serve.protocol import ModelCard
@@ -23,8 +24,9 @@ class Harness:
         self.embedders = embedders if embedders is not None else {"fake-embed": FakeEmbedder()}
         cards = {n: ModelCard(id=n, kind="llm") for n in self.llms}
         cards |= {n: ModelCard(id=n, kind="embedding") for n in self.embedders}
-        self.usage = []
-        self.service = OpenAIService(self.llms, self.embedders, cards, timeout_s=timeout_s, on_usage=self.usage.append)
+        self.usage = []  # what the service logs and counts in metrics, request by request
+        openai_api.log_usage = self.usage.append  # the module's own function is restored by the fixture below
+        self.service = OpenAIService(self.llms, self.embedders, cards, timeout_s=timeout_s)
         self.ready = ready
 
         async def health() -> HealthReport:
@@ -34,6 +36,11 @@ class Harness:
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://test")
         self.client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="unused", http_client=self.http,
                                          max_retries=0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_usage(monkeypatch):
+    monkeypatch.setattr(openai_api, "log_usage", openai_api.log_usage)
 
 
 @pytest.fixture
@@ -235,7 +242,7 @@ def test_unavailable_reason_reads_running_replicas_from_serve_status():
     from ray.serve._private.common import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
     from ray.serve.schema import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
-    from ray_app.serve.gateway import unavailable_reason
+    from ray_app.serve.serve_status import unavailable_reason
 
     def status(running: int, state: str) -> ServeStatus:
         d = DeploymentStatusOverview(status=DeploymentStatus(state),
@@ -293,13 +300,13 @@ async def test_client_going_away_cancels_the_engine_request(h: Harness):
 
     llm = h.llms["fake-llm"]
     llm.reply = " ".join(["word"] * 50)
-    stream = await h.service.chat(ChatCompletionRequest(**CHAT, stream=True))
+    stream = (await h.service.chat(ChatCompletionRequest(**CHAT, stream=True))).result
     await anext(stream)
     await anext(stream)
     await stream.aclose()  # what Starlette does when the client disconnects
     assert llm.streams[-1].cancelled
     # a stream read to the end is not cancelled
-    stream = await h.service.chat(ChatCompletionRequest(**CHAT, stream=True))
+    stream = (await h.service.chat(ChatCompletionRequest(**CHAT, stream=True))).result
     _ = [p async for p in stream]
     assert not llm.streams[-1].cancelled
 

@@ -160,6 +160,28 @@ def test_registry_promote_refuse_and_rollback(registry):
     assert (downloaded / "adapter_config.json").is_file()
 
 
+def test_concurrent_promotions_keep_every_champion_in_the_history(registry):
+    import threading
+
+    reg, experiment, tmp = registry
+    for i in range(5):
+        _version(reg, experiment, tmp / f"v{i}")
+    reg.promote("support", 1)
+    # four writers promote at once; without the lock two read the same history and one write is lost
+    threads = [threading.Thread(target=reg.promote, args=("support", v)) for v in (2, 3, 4, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seen = [reg.resolve("support").version]
+    while True:
+        try:
+            seen.append(reg.rollback("support").version)
+        except PromotionRefused:
+            break
+    assert sorted(seen) == [1, 2, 3, 4, 5]  # every champion is reachable by rolling back
+
+
 def test_adapter_catalog_resolves_pins_and_refuses(registry):
     reg, experiment, tmp = registry
     _version(reg, experiment, tmp / "a")

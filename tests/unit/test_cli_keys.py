@@ -1,4 +1,4 @@
-"""``ray-app keys`` and ``ray-app usage``: admin commands over the router's key store and spend ledger."""
+"""``ray-app keys`` and ``ray-app usage``: admin commands over the key store and the spend ledger."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from ray_app.accounting.keys import AuthError, KeyStore, Scopes
+from ray_app.accounting.ledger import Ledger, LedgerEntry
 from ray_app.cli import app
-from ray_app.router.config import RouterConfig
-from ray_app.router.keys import AuthError, KeyStore
-from ray_app.router.ledger import Ledger, LedgerEntry
+from ray_app.serve.config import load_serve_config
 
 runner = CliRunner()
 SECRET = re.compile(r"rk-[0-9a-f]{12}-\S+")
@@ -22,16 +22,17 @@ SECRET = re.compile(r"rk-[0-9a-f]{12}-\S+")
 
 @pytest.fixture
 def env(tmp_path):
-    """A small router config of our own (default budget $7.50, monthly) and a fresh data directory."""
-    config = tmp_path / "router.yaml"
-    config.write_text(yaml.safe_dump({
-        "targets": [{"name": "local", "kind": "local", "model": "m", "context_window": 2048, "hourly_rate_usd": 1.0}],
-        "routes": {"auto": {"targets": ["local"]}},
-        "keys": {"budget_period": "month", "default_budget_usd": 7.5, "default_rpm": 60, "default_tpm": 1000},
-    }))
+    """A Serve config of our own (auth: default budget $7.50, monthly) and a fresh data directory."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{"name": "app", "import_path": "ray_app.serve.app:build_app",
+        "args": {"llms": [{"name": "m", "source": "m"}],
+                 "auth": {"mode": "keys", "budget_period": "month", "default_budget_usd": 7.5, "default_rpm": 60,
+                          "default_tpm": 1000}}}]}))
     data = tmp_path / "data"
-    args = ["--router-config", str(config), "--data-dir", str(data)]
-    ledger_path = RouterConfig.load(config).model_copy(update={"data_dir": str(data)}).ledger_path()
+    args = ["--config", str(config), "--data-dir", str(data)]
+    [(_, app_config)] = load_serve_config(config)
+    app_config = app_config.model_copy(update={"data_dir": str(data)})
+    ledger_path = app_config.auth.ledger_file(app_config.paths)
     assert ledger_path == data / "router" / "ledger.sqlite"
     return args, ledger_path
 
@@ -73,7 +74,8 @@ def test_keys_help_renders():
 
 def test_create_list_authenticate_revoke(env):
     args, ledger_path = env
-    alice, alice_secret = create(env, "alice", "--budget", "5", "--rpm", "10", "--confidential")
+    alice, alice_secret = create(env, "alice", "--budget", "5", "--rpm", "10", "--confidential", "--write", "hr,legal",
+                                 "--clearance", "confidential", "--max-tokens", "256")
     bob, bob_secret = create(env, "bob")
     assert alice != bob
 
@@ -82,6 +84,8 @@ def test_create_list_authenticate_revoke(env):
     record = store.authenticate(f"Bearer {alice_secret}")
     assert (record.key_id, record.name, record.budget_usd, record.rpm, record.tpm, record.confidential) == (
         alice, "alice", 5.0, 10, None, True)
+    assert record.scopes == Scopes(admin=False, read=("*",), write=("hr", "legal"), clearance="confidential")
+    assert record.max_tokens == 256
     assert store.authenticate(bob_secret).key_id == bob
 
     # Spend this budget period counts; last year's does not.
@@ -105,6 +109,8 @@ def test_create_list_authenticate_revoke(env):
         "key_id": alice, "name": "alice", "created_at": None, "status": "active", "revoked_at": None,
         "budget_usd": 5.0, "rpm": 10, "tpm": None, "effective_budget_usd": 5.0, "effective_rpm": 10,
         "effective_tpm": 1000, "confidential": True, "budget_period": "month",
+        "scopes": {"admin": False, "read": ["*"], "write": ["hr", "legal"], "clearance": "confidential"},
+        "max_tokens": 256, "max_n": None, "max_request_usd": None, "capture": False,
         "period_start": datetime.now(UTC).strftime("%Y-%m-01"), "spend_usd": pytest.approx(0.75)}
     assert by_id[alice]["created_at"].startswith(datetime.now(UTC).strftime("%Y-%m-%d"))
     assert by_id[bob]["effective_budget_usd"] == 7.5 and by_id[bob]["budget_usd"] is None
@@ -134,8 +140,8 @@ def test_revoke_unknown_key_exits_1(env):
     assert "no key '000000000000'" in said(result)
 
 
-def test_missing_router_config_exits_1(tmp_path):
-    result = invoke("keys", "list", "--router-config", str(tmp_path / "nope.yaml"), "--data-dir", str(tmp_path))
+def test_missing_serve_config_exits_1(tmp_path):
+    result = invoke("keys", "list", "--config", str(tmp_path / "nope.yaml"), "--data-dir", str(tmp_path))
     assert result.exit_code == 1
     assert "nope.yaml not found" in said(result)
 
