@@ -36,7 +36,17 @@ logger = logging.getLogger("ray_app.gateway")
 
 # Routes whose cost is tokens: only these are charged a token estimate against the key's tpm up front.
 TOKEN_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# What anyone may read without a key: probes, the API's own description, the console's static files.
+# Everything else needs a key in keys mode: a path this list does not name is closed, not open.
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+PUBLIC_PREFIXES = ("/ui",)
 _STATE_KEY = "ray_app_caller"
+
+
+def app_path(scope: Scope) -> str:
+    """The path inside the application: Serve mounts an app under its route prefix (``root_path``)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 @dataclass(frozen=True)
@@ -126,12 +136,14 @@ class KeyAuth:
         self.app, self.auth = app, auth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = app_path(scope)
         # CORS preflights carry no credentials by design; the CORS middleware outside answers them
-        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not scope["path"].startswith("/v1/"):
+        if (scope["type"] != "http" or scope.get("method") == "OPTIONS" or path in PUBLIC_PATHS
+                or path.startswith(PUBLIC_PREFIXES)):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            caller = await asyncio.to_thread(self.auth.caller, headers, scope["path"])
+            caller = await asyncio.to_thread(self.auth.caller, headers, path)
         except APIError as error:
             return await error_response(error)(scope, receive, send)
         scope.setdefault("state", {})[_STATE_KEY] = caller

@@ -295,7 +295,9 @@ class BodySizeLimit:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope.get("path", ""))
+        from ray_app.serve.auth import app_path
+
+        limit = self.limit_for(app_path(scope))
         too_large = RequestTooLargeError(f"request body exceeds the limit of {limit} bytes")
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:

@@ -38,6 +38,9 @@ from ray_app.serve.protocol import (
 )
 
 CallerDep = Annotated[Caller, Depends(caller_of)]
+# chat and text completions answer JSON, or server-sent events when the request says `stream: true`
+_STREAMING = {200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+                    "description": "The completion, or with `stream: true` its chunks as server-sent events."}}
 
 
 @dataclass
@@ -90,11 +93,11 @@ def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[]
     async def get_model(model: str) -> ModelCard:
         return await service.get_model(model)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_STREAMING)
     async def chat_completions(body: ChatCompletionRequest, caller: CallerDep) -> Response:
         return _respond(await service.chat(body, caller))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_STREAMING)
     async def completions(body: CompletionRequest, caller: CallerDep) -> Response:
         return _respond(await service.completions(body, caller))
 

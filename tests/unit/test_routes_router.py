@@ -321,3 +321,18 @@ async def test_rate_limits_survive_concurrent_callers(h: Harness):
     results = await asyncio.gather(*(h.http.post("/v1/chat/completions", json=CHAT | {"model": "fake-llm"},
                                                  headers=h.bearer(key.secret)) for _ in range(30)))
     assert {r.status_code for r in results} == {200}
+
+
+async def test_keys_mode_guards_every_path_but_the_public_ones_under_a_route_prefix(tmp_path):
+    # Serve mounts an app under its route prefix: the auth must judge the path inside the app, and
+    # close any path it does not know to be public
+    h = Harness(tmp_path, mode="keys")
+    app = h.http._transport.app
+    prefixed = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, root_path="/locked"),
+                                 base_url="http://test")
+    for path in ("/locked/v1/embeddings", "/locked/v1/models", "/locked/v2/anything", "/locked/"):
+        response = await prefixed.request("POST" if "embeddings" in path else "GET", path,
+                                          json={"model": "fake-embed", "input": "x"})
+        assert response.status_code == 401, (path, response.status_code)
+    assert (await prefixed.get("/locked/health")).status_code == 200
+    assert (await prefixed.get("/locked/openapi.json")).status_code == 200
