@@ -1,10 +1,10 @@
 """Faults under load: concurrent clients for a fixed time while the LLM replica, the vector-store actor
 and the Router replica are each killed once.
 
-Clients (streaming and non-streaming chat on the local model, chat on a cloud route answered by a
-loopback OpenAI server, retrieval) run for ``--duration`` seconds; a third of the way in the LLM
-replica is killed, at half the store actor's process, at two thirds the Router replica. Every request
-ends in one of:
+Clients, each of one kind (streaming and non-streaming chat on the local model, chat on a cloud route
+answered by a loopback OpenAI server, retrieval), run for ``--duration`` seconds; early on the LLM
+replica is killed (it takes longest to come back), past half the store actor's process, at three
+quarters the Router replica. Every request ends in one of:
 
 - answered: 200, a whole answer (a stream ends with ``[DONE]`` and carries no error event);
 - refused clearly: 503 with ``retry-after`` (or a stream error event naming the unavailable model);
@@ -15,8 +15,8 @@ answered requests and ledger rows can be compared per client. Reported: the coun
 answered requests, p99 latency before, during and after each kill, and how long each fault took to
 recover (from the kill to the first answer after the last refusal of that kind).
 
-    python benchmarks/chaos_bench.py                     # SmolLM2, 8 clients, 120 s
-    python benchmarks/chaos_bench.py --smoke             # tiny model, 3 clients, ~40 s (the test suite)
+    python benchmarks/chaos_bench.py                     # SmolLM2, 8 clients, 180 s
+    python benchmarks/chaos_bench.py --smoke             # tiny model, 4 clients, 80 s (the test suite)
 
 Writes benchmarks/results/chaos_bench.json and chaos_bench.png.
 """
@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import copy
 import json
+import logging
 import os
 import signal
 import sys
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine, percentile, write_results  # noqa: E402
 
 APP = "ray_app_chaos"
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the report
 KINDS = ("stream", "chat", "cloud", "retrieve")
 
 
@@ -78,12 +80,12 @@ def app_args(model: str, router: dict, ledger: str, smoke: bool) -> dict:
     return args
 
 
-def router_config(model: str, cloud_url: str) -> dict:
+def router_config(model: str, cloud_url: str, key_env: str) -> dict:
     return {"targets": [
         {"name": "local", "kind": "local", "model": model, "context_window": 512 if "tiny" in model else 2048,
          "hourly_rate_usd": 0.5, "timeout_s": 60},
         {"name": "cloud", "kind": "openai", "model": "gpt-loop", "base_url": cloud_url + "/v1",
-         "api_key_env": "RAY_APP_CHAOS_KEY", "context_window": 16000, "price_in_per_mtok": 1.0,
+         "api_key_env": key_env, "context_window": 16000, "price_in_per_mtok": 1.0,
          "price_out_per_mtok": 2.0, "timeout_s": 10, "max_retries": 1}],
         "routes": {"auto": {"targets": ["local"]}, "cloud": {"targets": ["cloud"]}},
         "policy": {"breaker": {"failure_threshold": 5, "cooldown_s": 2}}}
@@ -139,12 +141,9 @@ async def drive(base: str, model: str, collection: str, keys: list[str], duratio
     limits = httpx.Limits(max_connections=len(keys) * 2 + 4)
 
     async def client(i: int) -> None:
-        kinds = KINDS[i % len(KINDS):] + KINDS[:i % len(KINDS)]
-        n = 0
+        kind = KINDS[i % len(KINDS)]  # one kind per client: one fault's outage does not stall the others
         async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s + 5), limits=limits) as http:
             while time.monotonic() - start < duration_s:
-                kind = kinds[n % len(kinds)]
-                n += 1
                 t0 = time.monotonic()
                 outcome, detail = await one(http, base, kind, model, collection, keys[i], timeout_s)
                 run.samples.append(Sample(kind, i, t0 - start, time.monotonic() - t0, outcome, detail))
@@ -193,29 +192,31 @@ def summarise(run: Run, ledger_path: str, key_ids: list[str], duration_s: float)
                                for s in run.samples) for i, k in enumerate(key_ids)}
     rows_per_key = {k: (rows.get(k) or {}).get("requests", 0) for k in key_ids}
 
-    def window(lo: float, hi: float) -> float | None:
-        lat = [s.seconds * 1000 for s in run.samples if lo <= s.started < hi and s.outcome == "answered"]
+    def window(lo: float, hi: float, kinds=KINDS) -> float | None:
+        """p99 latency of the answered requests of ``kinds`` that were in flight at some time in [lo, hi)."""
+        lat = [s.seconds * 1000 for s in run.samples if s.kind in kinds and s.outcome == "answered"
+               and s.started < hi and s.started + s.seconds >= max(lo, 0)]
         return round(percentile(lat, 99), 1) if lat else None
 
     faults = {}
     ordered = sorted(run.kills.items(), key=lambda kv: kv[1])
     first_kill = ordered[0][1] if ordered else duration_s
     kind_of = {"llm replica": ("stream", "chat"), "store actor": ("retrieve",), "router replica": ("cloud",)}
-    for i, (name, at) in enumerate(ordered):
-        nxt = ordered[i + 1][1] if i + 1 < len(ordered) else duration_s
-        hit = [s for s in run.samples if s.kind in kind_of[name] and at <= s.started < nxt]
-        bad = [s for s in hit if s.outcome != "answered"]
-        last_bad = max((s.started + s.seconds for s in bad), default=at)
-        recovered = min((s.started + s.seconds for s in hit if s.outcome == "answered" and s.started >= last_bad
-                         or (not bad and s.outcome == "answered")), default=None)
+    for name, at in ordered:
+        # clients are of one kind each, so a fault is judged on its own kinds, from the kill to the end
+        hit = [s for s in run.samples if s.kind in kind_of[name] and s.started + s.seconds >= at]
+        after = [s.started + s.seconds for s in hit if s.outcome == "answered" and s.started >= at]
         faults[name] = {"at_s": round(at, 1), "refused": sum(s.outcome == "refused" for s in hit),
                         "lost": sum(s.outcome == "lost" for s in hit),
-                        "recovered_after_s": None if recovered is None else round(max(0.0, recovered - at), 1),
-                        "p99_during_ms": window(at, min(at + 15, nxt))}
+                        # the first request sent after the kill that was answered: the service is back
+                        "recovered_after_s": round(min(after) - at, 1) if after else None,
+                        "p99_before_ms": window(0, first_kill, kind_of[name]),
+                        "p99_during_ms": window(at, at + 15, kind_of[name])}
     lost = [asdict(s) for s in run.samples if s.outcome == "lost"]
     return {"sent": len(run.samples), **totals, "by_kind": by_kind, "faults": faults,
-            "p99_before_ms": window(0, first_kill), "p99_after_ms": window(ordered[-1][1] + 15 if ordered else 0,
-                                                                           duration_s),
+            "p99_before_ms": window(0, first_kill),
+            "p99_after_ms": window(max(f["at_s"] + (f["recovered_after_s"] or 0) for f in faults.values()) + 5
+                                   if faults else 0, duration_s),
             "ledger_rows_ok": sum(rows_per_key.values()), "answered_chat": sum(answered_per_key.values()),
             "ledger_matches_answers": rows_per_key == answered_per_key, "lost_examples": lost[:10],
             "timeline": [asdict(s) for s in run.samples]}
@@ -258,16 +259,19 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny model, 3 clients, a short run (the test suite)")
-    parser.add_argument("--duration", type=float, default=None, help="seconds of load (default 120; smoke 36)")
-    parser.add_argument("--clients", type=int, default=None, help="concurrent clients (default 8; smoke 3)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 4 clients, a short run (the test suite)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds of load (default 180; smoke 80)")
+    parser.add_argument("--clients", type=int, default=None, help="concurrent clients (default 8; smoke 4)")
     parser.add_argument("--timeout", type=float, default=60.0, help="a request with no answer after this is lost")
     parser.add_argument("--address", default=None, help="a running Ray cluster to deploy on (default: start one)")
     parser.add_argument("--port", type=int, default=None, help="the HTTP port of that cluster's Serve proxy")
+    parser.add_argument("--cloud-key-env", default="RAY_APP_CHAOS_KEY",
+                        help="environment variable the Router replica reads the loopback cloud's key from (set "
+                             "here for a cluster this script starts; an existing cluster must already have it)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    duration = args.duration or (36.0 if args.smoke else 120.0)
-    clients = args.clients or (3 if args.smoke else 8)
+    duration = args.duration or (80.0 if args.smoke else 180.0)
+    clients = args.clients or (4 if args.smoke else 8)
     model = "tiny-llama" if args.smoke else "smollm2-135m-instruct"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -281,22 +285,24 @@ def main(argv: list[str] | None = None) -> dict:
     from tests.router_servers import OpenAIServer
 
     cloud = OpenAIServer("Hello from the loopback cloud").start()
-    os.environ["RAY_APP_CHAOS_KEY"] = "sk-loopback"  # the Router replica reads the target's key from its env
     started_ray = not ray.is_initialized()
     if started_ray:
         from benchmarks.common import free_port
 
         port = args.port or free_port()
+        # the Router replica reads the (loopback) cloud target's key from its environment
         ray.init(address=args.address, num_cpus=None if args.address else 4, include_dashboard=False,
                  logging_level="ERROR", log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_APP_CHAOS_KEY": "sk-loopback"}})
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", args.cloud_key_env: "sk-loopback"}})
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+    elif args.port is None:
+        raise SystemExit("--port: the HTTP port of the running cluster's Serve proxy")
     else:
-        port = args.port or serve.context._get_global_client().http_config.port
+        port = args.port
     base = f"http://127.0.0.1:{port}/chaos"
     tmp = Path(tempfile.mkdtemp(prefix="chaos-"))
     ledger = str(tmp / "ledger.sqlite")
-    serve.run(build_app(app_args(model, router_config(model, cloud.url), ledger, args.smoke)), name=APP,
+    serve.run(build_app(app_args(model, router_config(model, cloud.url, args.cloud_key_env), ledger, args.smoke)), name=APP,
               route_prefix="/chaos")
     keys = KeyStore(ledger)
     created = [keys.create(f"chaos-{i}") for i in range(clients)]
@@ -309,9 +315,9 @@ def main(argv: list[str] | None = None) -> dict:
         assert up.status_code == 201, up.text
         store = get_store(IngestConfig.load(ROOT / "configs" / "ingest.yaml").store,
                           IngestConfig.load(ROOT / "configs" / "ingest.yaml").paths)
-        kills = [(duration / 3, "llm replica", kill_replica(f"LLM:{model}")),
-                 (duration / 2, "store actor", kill_store(store)),
-                 (duration * 2 / 3, "router replica", kill_replica("Router"))]
+        kills = [(duration * 0.15, "llm replica", kill_replica(f"LLM:{model}")),
+                 (duration * 0.55, "store actor", kill_store(store)),
+                 (duration * 0.75, "router replica", kill_replica("Router"))]
         print(f"== {clients} clients for {duration:.0f} s on {model}", flush=True)
         run = asyncio.run(drive(base, model, collection, [c.secret for c in created], duration, kills, args.timeout,
                                 pace_s=0.2 if args.smoke else 0.05))
@@ -328,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{results['answered_chat']} answered chats (match per client: {results['ledger_matches_answers']})")
     for name, fault in results["faults"].items():
         print(f"   {name:15s} killed at {fault['at_s']:5.1f} s: {fault['refused']} refused, {fault['lost']} lost, "
-              f"recovered after {fault['recovered_after_s']} s, p99 during {fault['p99_during_ms']} ms")
+              f"recovered after {fault['recovered_after_s']} s, p99 before {fault['p99_before_ms']} ms, "
+              f"during {fault['p99_during_ms']} ms")
     report = {"benchmark": "chaos_bench", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
               "settings": {"model": model, "clients": clients, "duration_s": duration, "timeout_s": args.timeout,
                            "smoke": args.smoke},

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Awaitable, Literal, Protocol
 
 from ray_app.accounting.recorder import Outcome, ReplicaShare
 from ray_app.router.features import RequestFeatures
@@ -114,37 +114,80 @@ def provider_to_api_error(error: ProviderError) -> APIError:
     return from_engine_error(error.status or 502, str(error))
 
 
+async def _always_available(backend: str) -> None:
+    return None
+
+
+async def _next(stream: Any) -> tuple[bool, Any]:
+    try:
+        return True, await anext(stream)
+    except StopAsyncIteration:
+        return False, None
+
+
+async def _result(call: Any) -> tuple[bool, Any]:
+    return True, await call
+
+
 class Dispatcher:
+    """``unavailable(backend)`` says why a local model (or ``"router"``, the Router deployment) has no
+    running replica now; a request waiting for its first answer checks it every ``watch_s``, so a request
+    caught by a replica's death gets a clear 503 instead of waiting for a replacement to start."""
+
     def __init__(self, llms: dict[str, LLMBackend], cloud: CloudBackend | None = None,
                  health: HealthBoard | None = None, shares: Callable[[str], ReplicaShare] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 unavailable: Callable[[str], Awaitable[str | None]] = _always_available, watch_s: float = 1.0):
         self.llms = llms
         self.cloud = cloud
         self.health = health
         self._shares = shares or (lambda backend: ReplicaShare())
         self._clock = clock
+        self._unavailable = unavailable
+        self._watch_s = watch_s
 
     # -- one attempt ---------------------------------------------------------------------------
 
-    async def _first(self, stream: LLMStream, target: TargetRef) -> Any:
+    async def _first(self, stream: Any, target: TargetRef, watch: str) -> Any:
+        """The first item of a handle's stream (or a handle call's result), within the target's time."""
+        pending = asyncio.ensure_future(_next(stream) if hasattr(stream, "__anext__") else _result(stream))
         try:
             async with asyncio.timeout(target.timeout_s):
-                return await anext(stream)
-        except StopAsyncIteration:
-            raise EngineUnavailableError(f"{target.backend!r} returned no response") from None
+                while True:
+                    done, _ = await asyncio.wait({pending}, timeout=self._watch_s)
+                    if done:
+                        more, item = pending.result()
+                        if not more:
+                            raise EngineUnavailableError(f"{target.backend!r} returned no response")
+                        return item
+                    if (reason := await self._unavailable(watch)) is not None:
+                        raise EngineUnavailableError(f"{watch!r} became unavailable: {reason}",
+                                                     headers={"retry-after": "5"})
         except TimeoutError:
-            stream.cancel()
             raise UpstreamTimeoutError(f"{target.backend!r} did not answer within {target.timeout_s:g} s") from None
-        except asyncio.CancelledError:  # the client went away before the first token
-            stream.cancel()
+        except asyncio.CancelledError:  # the client went away
             raise
+        except (APIError, ProviderError) as exc:
+            raise root_cause(exc) from None  # a replica's own error, without Ray's wrapper
         except Exception as exc:
-            stream.cancel()
             raise from_deployment_failure(exc, target.backend) from exc
+        finally:
+            cancel = getattr(stream, "cancel", None)  # a handle call; a plain coroutine goes with its task
+            if not pending.done():
+                pending.cancel()
+                if cancel:
+                    cancel()
+            elif pending.exception() is not None and cancel:
+                cancel()
+
+    async def _check_running(self, target: TargetRef) -> None:
+        if (reason := await self._unavailable(target.backend)) is not None:
+            raise EngineUnavailableError(f"{target.backend!r} is unavailable: {reason}", headers={"retry-after": "5"})
 
     async def _local_complete(self, target: TargetRef, request: Any, endpoint: Endpoint) -> dict[str, Any]:
+        await self._check_running(target)
         request.model = target.model_id
-        head = await self._first(getattr(self.llms[target.backend], endpoint)(request), target)
+        head = await self._first(getattr(self.llms[target.backend], endpoint)(request), target, target.backend)
         if isinstance(head, list) and head:
             head = head[0]
         if isinstance(head, EngineErrorResponse):
@@ -153,6 +196,7 @@ class Dispatcher:
 
     async def _local_stream(self, target: TargetRef, request: Any, endpoint: Endpoint,
                             deadline: float) -> AsyncIterator[list[Chunk]]:
+        await self._check_running(target)
         request.model = target.model_id
         # Always ask the engine for usage so every request is accounted; the usage chunk reaches the
         # client only when it asked (OpenAI's `stream_options.include_usage`).
@@ -160,7 +204,7 @@ class Dispatcher:
         stream = getattr(self.llms[target.backend], endpoint)(request)
         finished = False
         try:
-            item = await self._first(stream, target)
+            item = await self._first(stream, target, target.backend)
             while True:
                 batch = []
                 for packet in item if isinstance(item, list) else [item]:
@@ -198,6 +242,7 @@ class Dispatcher:
     async def _cloud_stream(self, target: TargetRef, body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
         stream = self.cloud.stream(target.backend, body)
         try:
+            yield [Chunk(await self._first(stream, target, "router"))]
             async for data in stream:
                 yield [Chunk(data)]
         except Exception as exc:  # errors raised in the Router replica arrive wrapped by Ray
@@ -211,11 +256,10 @@ class Dispatcher:
                 stream.cancel()
 
     async def _cloud_complete(self, target: TargetRef, body: dict[str, Any]) -> dict[str, Any]:
+        # the provider retries inside the Router replica: its attempts share a budget of 4 timeouts
+        patient = TargetRef(target.name, target.kind, target.backend, target.model_id, target.timeout_s * 4)
         try:
-            async with asyncio.timeout(target.timeout_s * 4):  # the provider retries inside
-                return await self.cloud.chat(target.backend, body)
-        except TimeoutError:
-            raise UpstreamTimeoutError(f"{target.name!r} did not answer in time") from None
+            return await self._first(self.cloud.chat(target.backend, body), patient, "router")
         except Exception as exc:  # Ray's wrapper subclasses the cause's class: take the cause itself
             cause = root_cause(exc)
             if isinstance(cause, (ProviderError, APIError)):

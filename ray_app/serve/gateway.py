@@ -148,8 +148,10 @@ class Gateway:
                     for m in config.llms + config.embedders}
         recorder = SpendRecorder(config.auth, self.ledger, local_rates=router_config.local_rates() if router_config
                                  else {}, cloud_prices=cloud_prices, replicas=replicas, windows=windows)
-        self.status = ServeStatusReader(serve.get_replica_context().app_name, config,
-                                        {name: h.deployment_name for name, h in (llms | embedders).items()})
+        watched = {name: h.deployment_name for name, h in (llms | embedders).items()}
+        if router is not None:
+            watched["router"] = router.deployment_name
+        self.status = ServeStatusReader(serve.get_replica_context().app_name, config, watched)
         self._llm_handles = llms
         self.service = OpenAIService(
             llms={name: HandleLLM(h) for name, h in llms.items()},

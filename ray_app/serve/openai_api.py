@@ -125,7 +125,7 @@ class OpenAIService:
         if self.recorder is None:
             self.recorder = SpendRecorder(AuthConfig(), Ledger(":memory:"))
         self.dispatcher = Dispatcher(self.llms, self.cloud, self.router.health if self.router else None,
-                                     self.recorder.share, self.clock)
+                                     self.recorder.share, self.clock, self.unavailable)
 
     @property
     def routes(self) -> list[str]:

@@ -61,6 +61,8 @@ class ServeStatusReader:
         return await asyncio.to_thread(serve.status)
 
     async def unavailable(self, model: str) -> str | None:
+        if model not in self._deployments:
+            return None
         deployment, scales_to_zero = self._deployments[model], model in self._scale_to_zero
         if unavailable_reason(self._status, self.app_name, deployment, scales_to_zero) is None:
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -316,3 +317,38 @@ async def test_health_reports_readiness():
     assert (await ready.http.get("/health")).status_code == 200
     response = await not_ready.http.get("/health")
     assert response.status_code == 503 and response.json()["status"] == "unavailable"
+
+
+async def test_a_request_waiting_on_a_replica_that_died_gets_a_clear_503():
+    # the replica took the request and died: Serve would hold it until a new replica has started
+    llm = FakeLLM()
+    h = Harness(llms={"fake-llm": llm})
+    llm.chat = lambda request: _Hanging()
+    down: dict[str, str] = {}
+
+    async def unavailable(model: str) -> str | None:
+        return down.get(model)
+
+    h.service.unavailable = unavailable
+    h.service.dispatcher._unavailable = unavailable
+    h.service.dispatcher._watch_s = 0.02
+    task = asyncio.ensure_future(h.http.post("/v1/chat/completions", json=CHAT))
+    await asyncio.sleep(0.1)
+    assert not task.done()  # still waiting on its replica
+    down["fake-llm"] = "no running replica (UNHEALTHY)"
+    response = await asyncio.wait_for(task, 2)
+    error = assert_openai_error(response, 503, code="engine_unavailable")
+    assert "became unavailable" in error["message"] and response.headers["retry-after"] == "5"
+
+
+class _Hanging:
+    cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.sleep(3600)
+
+    def cancel(self):
+        self.cancelled = True

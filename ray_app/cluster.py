@@ -1,0 +1,95 @@
+"""Connecting a job to Ray, and sharing the cluster's logical CPUs with what already runs on it.
+
+Every job (ingest, a dataset build, fine-tuning) and the CLI connect the same way: to the cluster
+the server runs on when there is one (``--address``, ``RAY_ADDRESS``, or the local cluster
+``serve run`` started), so their writes land in the collections and registry the server reads;
+otherwise they start a local Ray of their own.
+
+``serve run serve_config.yaml`` on a laptop gives Ray the machine's cores as logical CPUs, and the
+Serve graph reserves most of them. A job whose stages ask for more logical CPUs than are free would
+wait forever with no output. ``fit`` (the default ``cluster_share: fit``) scales a job's requests down
+to what is free, keeping their proportions, and says so; the operating system then shares the cores
+between the job and the server, which keeps answering, more slowly. ``cluster_share: strict`` keeps
+the requests as configured: right on a cluster that autoscales (a pending demand is what makes the
+autoscaler add a node) or has cores to spare.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import Literal
+
+logger = logging.getLogger("ray_app.cluster")
+
+ClusterShare = Literal["fit", "strict"]
+MIN_CPUS = 0.01  # Ray refuses 0 for some workers (Tune trials, Train's workers want > 0)
+
+__all__ = ["ClusterShare", "Demand", "fit", "free_cpus", "init_ray", "share_cpus"]
+
+
+def init_ray(address: str | None = None, *, job_cpus: int | None = None, env: dict[str, str] | None = None) -> str:
+    """Connect to ``address`` (or ``RAY_ADDRESS``, or a running local cluster), else start a local Ray
+    with ``job_cpus`` logical CPUs (default: the cores, at least 4 so stages can overlap on the OS's
+    time). Returns "connected" or "started"; a no-op when this process is already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return "connected"
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                                "TOKENIZERS_PARALLELISM": "false", **(env or {})}}
+    common = dict(logging_level="WARNING", log_to_driver=False, runtime_env=runtime_env)
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        ray.init(address=target, **common)
+        return "connected"
+    try:  # the cluster `serve run` (or `ray start`) runs on this machine: work where the server reads
+        ray.init(address="auto", **common)
+        return "connected"
+    except ConnectionError:
+        pass
+    ray.init(num_cpus=job_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, **common)
+    return "started"
+
+
+def free_cpus() -> float:
+    import ray
+
+    return float(ray.available_resources().get("CPU", 0.0))
+
+
+@dataclass(frozen=True)
+class Demand:
+    """``count`` workers (actors, tasks, Train workers) of a job's stage, ``cpus`` logical CPUs each."""
+
+    name: str
+    count: int
+    cpus: float
+
+    @property
+    def total(self) -> float:
+        return self.count * self.cpus
+
+
+def fit(demands: list[Demand], free: float, share: ClusterShare = "fit") -> list[Demand]:
+    """``demands`` scaled down, in proportion, to fit ``free`` logical CPUs (each at least ``MIN_CPUS``);
+    unchanged when they fit, or when ``share`` is strict."""
+    wanted = sum(d.total for d in demands)
+    if share == "strict" or wanted <= free or wanted == 0:
+        return list(demands)
+    scale = max(free, 0.0) / wanted
+    return [replace(d, cpus=max(MIN_CPUS, round(d.cpus * scale, 4)) if d.cpus > 0 else 0.0) for d in demands]
+
+
+def share_cpus(job: str, demands: list[Demand], share: ClusterShare = "fit") -> dict[str, float]:
+    """Per-worker CPUs of each stage, fitted to this cluster now; logs what was scaled and why."""
+    free = free_cpus()
+    fitted = fit(demands, free, share)
+    if fitted != demands:
+        logger.warning(
+            "%s: the cluster has %.2f logical CPUs free (the rest is held by what already runs, e.g. the Serve "
+            "app), the job asks for %.2f: its stages run with %s and share the cores with the server "
+            "(`cluster_share: strict` keeps the requests and waits for CPUs instead)", job, free,
+            sum(d.total for d in demands), ", ".join(f"{d.name} {d.count}x{d.cpus:g}" for d in fitted))
+    return {d.name: d.cpus for d in fitted}
