@@ -1,16 +1,16 @@
 """Knowledge distillation with Ray Train: a student (``base_model``, LoRA or full) learns from a
 teacher's logits (KL divergence at a temperature) plus the data's cross-entropy:
 
-    ray job submit --working-dir . -- python jobs/distill.py --config configs/train/distill_tiny.yaml
+    RAY_AUTH_MODE=token .venv/bin/ray job submit --working-dir . -- $PWD/.venv/bin/python jobs/distill.py \\
+        --config configs/train/distill_tiny.yaml --data-dir $PWD/data
 
 The teacher and the student must share a tokenizer (checked before anything trains).
 """
 
 import sys
 
-from finetune import main
-
 from ray_app.training.config import DistillConfig
+from ray_app.training.driver import train_main
 
 if __name__ == "__main__":
-    sys.exit(main(DistillConfig, __doc__))
+    sys.exit(train_main(DistillConfig, __doc__))

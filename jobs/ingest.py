@@ -1,11 +1,16 @@
 """Ingest documents into a collection on a Ray cluster:
 
-    ray job submit --working-dir . -- python jobs/ingest.py --input ./docs --collection handbook
+    RAY_AUTH_MODE=token .venv/bin/ray job submit --working-dir . -- $PWD/.venv/bin/python jobs/ingest.py \
+        --input $PWD/docs --collection handbook --data-dir $PWD/data
 """
 
 import argparse
 import json
 import sys
+
+from ray_app.cluster import prepare_driver_env
+
+prepare_driver_env()  # a driver joining the server's cluster uses its token; before Ray is imported
 
 from ray_app.documents.config import IngestConfig
 from ray_app.documents.pipeline import run_ingest

@@ -1,19 +1,18 @@
 """Search LoRA hyperparameters (learning rate, rank, alpha, dropout) with Ray Tune and ASHA; every
 trial is tracked in MLflow and the best one is registered:
 
-    ray job submit --working-dir . -- python jobs/tune.py --config configs/train/tune_tiny.yaml
+    RAY_AUTH_MODE=token .venv/bin/ray job submit --working-dir . -- $PWD/.venv/bin/python jobs/tune.py \
+        --config configs/train/tune_tiny.yaml --data-dir $PWD/data
 """
 
 import argparse
 import json
 import sys
 
-from finetune import parse_overrides
-
-from ray_app.schema import ConfigError
+from ray_app.cluster import prepare_driver_env
+from ray_app.schema import ConfigError, parse_overrides
 from ray_app.training.config import TuneConfig
 from ray_app.training.data import DatasetError
-from ray_app.training.search import run_search
 
 
 def main() -> int:
@@ -22,8 +21,11 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     parser.add_argument("--data-dir", help="the data directory with the prepared models (absolute under `ray job submit`)")
     args = parser.parse_args()
-    overrides = parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir else {})
+    prepare_driver_env()  # before anything imports Ray
+    from ray_app.training.search import run_search
+
     try:
+        overrides = parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir else {})
         result = run_search(TuneConfig.load(args.config, overrides))
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)

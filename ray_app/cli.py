@@ -96,8 +96,9 @@ def config_validate(
 IngestConfigOption = Annotated[
     Optional[Path], typer.Option("--config", help="Ingest config (default: configs/ingest.yaml if present).")]
 AddressOption = Annotated[
-    Optional[str], typer.Option("--address", help="A running Ray cluster (e.g. `auto` while `serve run` is up), "
-                                                  "so the collection is written where it is served.")]
+    Optional[str], typer.Option("--address", help="A Ray cluster; default: the one running on this machine (the "
+                                                  "server's, so the collection is written where it is served), "
+                                                  "else a local one.")]
 
 
 def _ingest_config(path: Path | None, data_dir: Path | None):
@@ -149,14 +150,15 @@ def ingest(
 
 
 def _store(config: Path | None, data_dir: Path | None, address: str | None):
-    """The collections: through the cluster's store actor with --address, else opened here."""
+    """The collections: through the cluster's store actor when a cluster runs, else opened here."""
+    from ray_app.cluster import connect_if_running
+
     cfg = _ingest_config(config, data_dir)
-    if address:
+    if connect_if_running(address):
         import ray
 
         from ray_app.documents.store_actor import get_store
 
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         actor = get_store(cfg.store, cfg.paths)
 
         class _Sync:
@@ -214,6 +216,30 @@ def collection_delete_doc(
     console.print(f"[green]deleted[/] {document} ({deleted} chunks) from {collection}")
 
 
+@collection_app.command("create")
+def collection_create(
+    collection: str,
+    sensitivity: Annotated[Optional[str], typer.Option(
+        "--sensitivity", help="Label of documents added without one: public, internal or confidential.")] = None,
+    config: IngestConfigOption = None, address: AddressOption = None, data_dir: DataDirOption = None,
+) -> None:
+    """Create an empty collection (the ingest config's embedder decides its vectors)."""
+    from ray_app.documents.store import StoreError
+    from ray_app.embedder import SentenceEmbedder
+    from ray_app.models.resolve import resolve_source
+
+    if sensitivity not in (None, "public", "internal", "confidential"):
+        raise typer.BadParameter("public, internal or confidential", param_hint="--sensitivity")
+    cfg = _ingest_config(config, data_dir)
+    dimensions = SentenceEmbedder(resolve_source(cfg.embedder, cfg.paths)).dimensions
+    try:
+        _store(config, data_dir, address).create_collection(collection, dimensions, cfg.embedder, sensitivity)
+    except StoreError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1)
+    console.print(f"[green]created[/] {collection} ({dimensions}-d vectors of {cfg.embedder})")
+
+
 @collection_app.command("drop")
 def collection_drop(collection: str, yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
                     config: IngestConfigOption = None, address: AddressOption = None,
@@ -223,6 +249,50 @@ def collection_drop(collection: str, yes: Annotated[bool, typer.Option("--yes", 
         typer.confirm(f"Delete collection {collection!r} and all its documents?", abort=True)
     _store(config, data_dir, address).drop_collection(collection)
     console.print(f"[green]dropped[/] {collection}")
+
+
+dataset_app = typer.Typer(help="Training sets from collections and captured conversations.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command("build")
+def dataset_build(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The JSONL to write; its report goes beside it.")],
+    collection: Annotated[Optional[str], typer.Option("--collection", "-c", help="The collection to learn from.")] = None,
+    conversations: Annotated[Optional[Path], typer.Option(
+        "--conversations", help="A folder of captured conversations (<data_dir>/captures).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Dataset config (default configs/dataset.yaml).")] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="The teacher: a served model or a route.")] = None,
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="The server's /v1 URL.")] = None,
+    address: AddressOption = None, data_dir: DataDirOption = None,
+    progress: Annotated[bool, typer.Option(help="Show Ray Data progress bars.")] = True,
+) -> None:
+    """Domains, summaries and instruction pairs from a collection (or captured chats), filtered for
+    quality, as OpenAI chat fine-tuning JSONL with provenance; exit 0 with records, 2 with none."""
+    import json
+
+    from ray_app.datasets.build import build_dataset
+    from ray_app.datasets.config import DatasetConfig
+    from ray_app.schema import ConfigError
+
+    if collection is None and conversations is None:
+        raise typer.BadParameter("give --collection, --conversations or both", param_hint="--collection")
+    default = Path("configs/dataset.yaml")
+    overrides = {k: v for k, v in {"teacher.model": teacher, "teacher.endpoint": endpoint,
+                                   "data_dir": str(data_dir) if data_dir else None}.items() if v is not None}
+    try:
+        cfg = DatasetConfig.load(config or (default if default.is_file() else None), overrides)
+    except ConfigError as e:
+        console.print(f"[red]invalid:[/] {e}")
+        raise typer.Exit(1)
+    report = build_dataset(collection, cfg, out, conversations=conversations, address=address, progress=progress)
+    for name, examples in report.examples.items():
+        console.print(f"[yellow]{name}[/] removed {report.removed.get(name, 0)}, e.g. {examples[0]}")
+    console.print(f"[green]{report.kept}[/] of {report.generated} records kept from {report.documents} documents "
+                  f"({', '.join(f'{d} {n}' for d, n in report.domains.items())}) in {report.seconds} s "
+                  f"({report.pairs_per_s} pairs/s): {out}")
+    print(json.dumps({k: v for k, v in report.to_dict().items() if k != "examples"}))
+    raise typer.Exit(0 if report.kept else 2)
 
 
 RegistryOption = Annotated[
@@ -359,6 +429,8 @@ def keys_create(
         "--max-request-usd", min=0, help="Refuse (or route cheaper) a request that may cost more.")] = None,
     capture: Annotated[bool, typer.Option(
         "--capture", help="Keep this key's chats as training conversations (opt-in).")] = False,
+    fine_tune: Annotated[bool, typer.Option(
+        "--fine-tune", help="May upload training files and start fine-tuning jobs.")] = False,
     config: ServeConfigOption = Path("serve_config.yaml"),
     data_dir: DataDirOption = None,
 ) -> None:
@@ -374,7 +446,7 @@ def keys_create(
     if clearance not in LEVELS:
         raise typer.BadParameter(", ".join(LEVELS), param_hint="--clearance")
     scopes = Scopes(admin=admin, read=parse_collections(read) if read else ("*",),
-                    write=parse_collections(write or []), clearance=clearance)
+                    write=parse_collections(write or []), clearance=clearance, fine_tune=fine_tune)
     ledger, _ = _ledger_path(config, data_dir)
     with closing(KeyStore(ledger)) as store:
         new = store.create(name, budget_usd=budget, rpm=rpm, tpm=tpm, confidential=confidential, scopes=scopes,
@@ -407,6 +479,8 @@ def _scopes_text(scopes) -> str:
     if scopes.write:
         parts.append("write " + ",".join(scopes.write))
     parts.append(f"clearance {scopes.clearance}")
+    if scopes.fine_tune:
+        parts.append("fine-tune")
     return "; ".join(parts)
 
 
@@ -538,6 +612,9 @@ def usage(
 
 
 def main() -> None:
+    from ray_app.cluster import prepare_driver_env
+
+    prepare_driver_env()  # before anything imports Ray
     app()
 
 

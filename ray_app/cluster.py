@@ -26,7 +26,18 @@ logger = logging.getLogger("ray_app.cluster")
 ClusterShare = Literal["fit", "strict"]
 MIN_CPUS = 0.01  # Ray refuses 0 for some workers (Tune trials, Train's workers want > 0)
 
-__all__ = ["ClusterShare", "Demand", "fit", "free_cpus", "init_ray", "share_cpus"]
+__all__ = ["ClusterShare", "Demand", "connect_if_running", "fit", "free_cpus", "init_ray", "prepare_driver_env",
+           "share_cpus"]
+
+
+def prepare_driver_env() -> None:
+    """What a driver process (the CLI, a job script) sets before it imports Ray: a local cluster
+    (``serve run``, ``ray start``) enables Ray's token authentication and writes the token to
+    ``~/.ray/auth_token``, and a driver joining it must use tokens too (Ray reads the mode when it is
+    imported, so this runs first, at the entry points)."""
+    token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token)):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def init_ray(address: str | None = None, *, job_cpus: int | None = None, env: dict[str, str] | None = None) -> str:
@@ -39,7 +50,10 @@ def init_ray(address: str | None = None, *, job_cpus: int | None = None, env: di
         return "connected"
     runtime_env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}}
-    common = dict(logging_level="WARNING", log_to_driver=False, runtime_env=runtime_env)
+    common: dict = dict(logging_level="WARNING", log_to_driver=False, runtime_env=runtime_env)
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # a Ray job's driver: the job's runtime env (set by whoever submitted it) is the one that applies
+        common.pop("runtime_env")
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
         ray.init(address=target, **common)
@@ -51,6 +65,22 @@ def init_ray(address: str | None = None, *, job_cpus: int | None = None, env: di
         pass
     ray.init(num_cpus=job_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, **common)
     return "started"
+
+
+def connect_if_running(address: str | None = None) -> bool:
+    """Connect to ``address`` or the cluster running on this machine; False (and no Ray started) if none."""
+    import ray
+
+    if ray.is_initialized():
+        return True
+    try:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="ERROR",
+                 log_to_driver=False)
+    except ConnectionError:
+        if address:
+            raise
+        return False
+    return True
 
 
 def free_cpus() -> float:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["ConfigError", "Problems", "Strict", "load_yaml", "parse"]
+__all__ = ["ConfigError", "Problems", "Strict", "load_yaml", "parse", "parse_overrides"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -61,6 +61,19 @@ def parse(cls: type[M], document: dict[str, Any], source: str) -> M:
         return cls.model_validate(document)
     except ValidationError as e:
         raise ConfigError.from_validation_error(source, e) from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["optim.max_steps=4", "method=dora"]`` (the ``--set`` of the job scripts) -> dotted key -> YAML value."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError("--set", [f"{pair!r}: expected KEY=VALUE"])
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

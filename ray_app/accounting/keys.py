@@ -42,6 +42,7 @@ class Scopes:
     read: tuple[str, ...] = ("*",)  # collections this key may retrieve from; "*" is every collection
     write: tuple[str, ...] = ()  # collections it may upload to
     clearance: Sensitivity = "internal"  # the most sensitive chunk label it may retrieve
+    fine_tune: bool = False  # may upload training files and start fine-tuning jobs
 
     def __post_init__(self) -> None:
         if self.clearance not in LEVELS:
@@ -66,10 +67,10 @@ class Scopes:
             return cls()
         data = json.loads(text)
         return cls(bool(data.get("admin")), tuple(data.get("read", ("*",))), tuple(data.get("write", ())),
-                   data.get("clearance", "internal"))
+                   data.get("clearance", "internal"), bool(data.get("fine_tune")))
 
 
-ANONYMOUS_OPEN = Scopes(admin=True, read=("*",), write=("*",), clearance="confidential")
+ANONYMOUS_OPEN = Scopes(admin=True, read=("*",), write=("*",), clearance="confidential", fine_tune=True)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
+from ray_app.cluster import ClusterShare
 from ray_app.paths import DataDir
 from ray_app.schema import Strict, load_yaml, parse
 from ray_app.sensitivity import Sensitivity
@@ -115,6 +116,9 @@ class IngestConfig(Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     max_file_bytes: PositiveInt = Field(50 * 1024 * 1024, description="Larger files are refused.")
     limits: DocumentLimits = Field(default_factory=DocumentLimits)
+    cluster_share: ClusterShare = Field(
+        "fit", description="fit: scale the stages' CPU requests to what the cluster has free (a laptop that also "
+                           "serves); strict: keep them and wait (a cluster that autoscales).")
     default_sensitivity: Sensitivity = "internal"
     sensitivity_rules: list[SensitivityRule] = Field(
         default_factory=list, description="First matching rule wins; else the command's label, else the default.")

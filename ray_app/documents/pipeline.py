@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import asdict
@@ -188,21 +187,28 @@ def build_dataset(tasks: list[FileTask], config: IngestConfig, embedder_path: st
     import ray
     from ray.data import ActorPoolStrategy
 
-    def stage(resources) -> dict[str, Any]:
+    from ray_app.cluster import Demand, share_cpus
+
+    stages = {"parse": config.parse, "ocr": config.ocr_stage, "embed": config.embed}
+    # every stage's actors must be placed at once: fitted to what the cluster has free (the Serve app's share)
+    cpus = share_cpus("ingest", [Demand(n, r.concurrency, r.num_cpus) for n, r in stages.items()], config.cluster_share)
+
+    def stage(name: str) -> dict[str, Any]:
+        resources = stages[name]
         return {"compute": ActorPoolStrategy(size=resources.concurrency), "batch_format": "numpy",
-                **resources.map_batches_kwargs()}
+                **resources.map_batches_kwargs() | {"num_cpus": cpus[name]}}
 
     items = [{"task": json.dumps({**asdict(t), "doc_id": t.doc_id})} for t in tasks]
     return (
         ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
         .map_batches(ParseStage, fn_constructor_kwargs={"config": config, "fingerprint": fingerprint,
-                                                        "known": known}, **stage(config.parse))
-        .map_batches(OCRStage, fn_constructor_kwargs={"config": config}, **stage(config.ocr_stage))
+                                                        "known": known}, **stage("parse"))
+        .map_batches(OCRStage, fn_constructor_kwargs={"config": config}, **stage("ocr"))
         .map_batches(EmbedStage, fn_constructor_kwargs={"embedder_path": embedder_path, "device": device,
                                                         "num_threads": config.embedder_threads,
                                                         "batch_size": config.embed.batch_size,
                                                         "max_tokens": max_tokens, "overlap_tokens": overlap},
-                     **stage(config.embed))
+                     **stage("embed"))
     )
 
 
@@ -238,20 +244,6 @@ def _outcome(doc: dict, status: str, chunks: int = 0) -> FileOutcome:
                        sensitivity=doc.get("sensitivity"))
 
 
-def init_ray(address: str | None) -> None:
-    """Connect to ``address``, or start a local Ray for this run, unless Ray is already up."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Logical CPUs above the core count let the stages overlap (parsing waits on I/O, OCR on a
-    # subprocess); the OS shares the cores.
-    ray.init(address=address, num_cpus=None if address else max(4, os.cpu_count() or 1),
-             include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                       "TOKENIZERS_PARALLELISM": "false"}})
-
-
 def run_ingest(source: str, collection: str, config: IngestConfig, sensitivity: Sensitivity | None = None,
                address: str | None = None, progress: bool = True) -> IngestReport:
     """Ingest a folder, file or s3:// prefix into ``collection``; returns the per-file report."""
@@ -265,7 +257,9 @@ def run_ingest(source: str, collection: str, config: IngestConfig, sensitivity: 
     paths = config.paths
     embedder_path = resolve_source(config.embedder, paths)
     tasks = list_files(source, config, sensitivity)
-    init_ray(address)
+    from ray_app.cluster import init_ray
+
+    init_ray(address)  # the server's cluster when one runs: the collection is written where it is served
     from ray.data import DataContext
 
     context = DataContext.get_current()

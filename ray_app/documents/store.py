@@ -131,9 +131,18 @@ class VectorStore(ABC):
     def documents(self, name: str, doc_id: str | None = None) -> dict[str, dict[str, Any]]:
         """doc_id -> payload of its chunk 0 (doc_hash, chunk_count, source, title, ...), without text."""
 
+    @abstractmethod
+    def chunks(self, name: str, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` chunks' payloads (text included) of complete documents, by document and index."""
+
     def document(self, name: str, doc_id: str) -> dict[str, Any] | None:
         """Chunk 0's payload of ``doc_id`` (present only for completely written documents)."""
         return self.documents(name, doc_id=doc_id).get(doc_id)
+
+    def _complete(self, name: str, payloads: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+        done = self.documents(name)
+        kept = [p for p in payloads if p.get("doc_id") in done and p.get("doc_hash") == done[p["doc_id"]]["doc_hash"]]
+        return sorted(kept, key=lambda p: (p["doc_id"], p.get("chunk_index", 0)))[:limit]
 
     def replace_document(self, name: str, doc_id: str, records: list[PointRecord]) -> None:
         """The new version's chunks (chunk 0 last), then every other chunk of the document gone."""
@@ -305,6 +314,16 @@ class EdgeVectorStore(VectorStore):
             if offset is None:
                 return {doc: p for doc, p in out.items() if p is not None}
 
+    def chunks(self, name: str, limit: int) -> list[dict[str, Any]]:
+        shard, out, offset = self._shard(name), [], None
+        while len(out) < limit * 2:
+            records, offset = shard.scroll(self._qe.ScrollRequest(offset=offset, limit=1000, with_payload=True,
+                                                                  with_vector=False))
+            out += [dict(r.payload) for r in records]
+            if offset is None:
+                break
+        return self._complete(name, out, limit)
+
     def _upsert(self, name: str, records: list[PointRecord]) -> None:
         qe = self._qe
         self._shard(name).update(qe.UpdateOperation.upsert_points([qe.Point(id=r.id, payload=r.payload, vector={
@@ -439,6 +458,16 @@ class QdrantClientVectorStore(VectorStore):
                 _keep_complete(out, dict(record.payload or {}))
             if offset is None:
                 return {doc: p for doc, p in out.items() if p is not None}
+
+    def chunks(self, name: str, limit: int) -> list[dict[str, Any]]:
+        out, offset = [], None
+        while len(out) < limit * 2:
+            records, offset = self.client.scroll(name, limit=1000, offset=offset, with_payload=True,
+                                                 with_vectors=False)
+            out += [dict(r.payload or {}) for r in records]
+            if offset is None:
+                break
+        return self._complete(name, out, limit)
 
     def _upsert(self, name: str, records: list[PointRecord]) -> None:
         m = self.models

@@ -35,6 +35,9 @@ class VectorStoreActor:
     def create_collection(self, name, dimensions, embedder, default_sensitivity=None):
         return self.store.create_collection(name, dimensions, embedder, default_sensitivity)
 
+    def chunks(self, name, limit):
+        return self.store.chunks(name, limit)
+
     def prune(self, name, doc_id, doc_hash):
         return self.store.prune(name, doc_id, doc_hash)
 

@@ -96,6 +96,7 @@ class Route(Strict):
     max_tokens: PositiveInt | None = Field(
         None, description="Largest max_tokens a request on this route may ask for; also its default.")
     max_n: PositiveInt | None = Field(None, description="Largest n (choices) a request on this route may ask for.")
+    capture: bool = Field(False, description="Keep this route's chats as training conversations (opt-in).")
 
 
 class BreakerConfig(Strict):

@@ -87,13 +87,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     config = AppConfig.load(args)
     sources = resolve_sources(config)
     router_config = load_router_config(config) if config.router is not None else None
-    # Paths are made absolute and the router config inlined here, on the machine that builds the app,
-    # so every replica reads the same ledger and the same routes wherever it runs.
+    fine_tuning = config.fine_tuning.load() if config.fine_tuning is not None else None
+    # Paths are made absolute and the router and fine-tuning configs inlined here, on the machine that
+    # builds the app, so every replica reads the same ledger and the same settings wherever it runs.
     config = config.model_copy(update={
         "auth": config.auth.model_copy(update={"ledger_path": str(config.auth.ledger_file(config.paths))}),
         "data_dir": str(config.paths.root),
         "router": None if router_config is None else config.router.model_copy(
             update={"config": router_config.model_dump(mode="json")}),
+        "fine_tuning": None if fine_tuning is None else config.fine_tuning.model_copy(
+            update={"config": fine_tuning.model_dump(mode="json")}),
     })
     llms = {m.name: build_llm_app(m, sources[m.name], str(config.paths.root)) for m in config.llms}
     embedders = {e.name: build_embedder_deployment(e, sources[e.name]) for e in config.embedders}

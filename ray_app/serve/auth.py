@@ -68,6 +68,11 @@ class Caller:
         if not self.scopes.admin:
             raise PermissionDeniedError(f"{what} needs an admin key (`ray-app keys create NAME --admin`)")
 
+    def require_fine_tune(self) -> None:
+        if not (self.scopes.fine_tune or self.scopes.admin):
+            raise PermissionDeniedError("fine-tuning needs a key with the fine_tune scope "
+                                        "(`ray-app keys create NAME --fine-tune`)")
+
     def require_read(self, collection: str) -> None:
         if not self.scopes.can_read(collection):
             raise PermissionDeniedError(f"this key may not read collection {collection!r}", param="collection")

@@ -215,6 +215,19 @@ class RouterServeConfig(Strict):
         return RouterConfig.load(self.config)
 
 
+class FineTuningServeConfig(Strict):
+    """OpenAI's files and fine-tuning jobs API (``/v1/files``, ``/v1/fine_tuning/jobs``)."""
+
+    config: str | dict[str, Any] = Field(
+        "configs/fine_tuning.yaml", description="A fine-tuning config file (ray_app.fine_tuning.config."
+                                                "FineTuningConfig), relative to where the app is built, or inline.")
+
+    def load(self):
+        from ray_app.fine_tuning.config import FineTuningConfig
+
+        return FineTuningConfig.load(self.config)
+
+
 class AppConfig(Strict):
     """The serving application (``args`` of the Serve config)."""
 
@@ -228,6 +241,8 @@ class AppConfig(Strict):
     knowledge: KnowledgeConfig | None = Field(None, description="Serve retrieval and RAG; unset: none.")
     router: RouterServeConfig | None = Field(None, description="The smart router; unset: none.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, budgets and the spend ledger.")
+    fine_tuning: FineTuningServeConfig | None = Field(
+        None, description="The files and fine-tuning jobs API; unset: none.")
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":

@@ -19,6 +19,7 @@ from ray_app.accounting.keys import KeyStore
 from ray_app.accounting.ledger import Ledger
 from ray_app.accounting.limits import RateWindows
 from ray_app.accounting.recorder import CloudPrice, SpendRecorder
+from ray_app.datasets.capture import CaptureLog
 from ray_app.embedder import Embeddings
 from ray_app.router.service import RouterService
 from ray_app.serve.adapters import catalog_for
@@ -118,6 +119,16 @@ class HandleCloud:
     async def deployed(self) -> dict[str, str | None]:
         return await self._handle.deployed.remote()
 
+    # a ``CloudFineTuner``: fine-tuning jobs at the provider, with the Router replica's credentials
+    async def create(self, target, training, filename, params):
+        return await self._handle.fine_tune_create.remote(target, training, filename, params)
+
+    async def retrieve(self, target, provider_job_id):
+        return await self._handle.fine_tune_retrieve.remote(target, provider_job_id)
+
+    async def cancel(self, target, provider_job_id):
+        return await self._handle.fine_tune_cancel.remote(target, provider_job_id)
+
 
 class HandleOCR:
     def __init__(self, handle: DeploymentHandle, timeout_s: float):
@@ -167,13 +178,41 @@ class Gateway:
                       for m in config.llms if m.adapters is not None},
             timeout_s=gw.request_timeout_s,
             unavailable=self.status.unavailable,
+            capture=CaptureLog(config.paths.root / "captures"),
         )
+        self.fine_tuning = self._fine_tuning(router_config) if config.fine_tuning is not None else None
         self._route_limits = {}
         if config.ocr is not None:
             self._route_limits["/v1/ocr"] = config.ocr.max_request_bytes
         if config.knowledge is not None:
             self._route_limits["/v1/collections"] = config.knowledge.max_upload_bytes
         logger.info("%s (ledger %s)", self.auth.describe(), ledger_path)
+
+    def _fine_tuning(self, router_config):
+        from ray_app.fine_tuning.files import FileStore
+        from ray_app.fine_tuning.jobs import FineTuningService, JobStore, LocalModel
+        from ray_app.fine_tuning.runners import RayJobRunner
+        from ray_app.router.privacy import training_file_reasons
+
+        settings, root = self.config.fine_tuning.load(), self.config.paths.root
+        cloud = {}
+        for t in router_config.targets if router_config is not None else []:
+            if t.kind in ("openai", "azure"):
+                cloud |= {t.name: t.name, t.model: t.name}
+        return FineTuningService(
+            FileStore(root / "files", settings.max_file_bytes), JobStore(root / "fine_tuning" / "jobs.sqlite"),
+            root=root / "fine_tuning", data_dir=str(root),
+            models={m.name: LocalModel(m.name, m.source, m.adapters is not None) for m in self.config.llms},
+            template=settings.template, runner=RayJobRunner(), cloud_models=cloud, cloud=self._cloud,
+            privacy_reasons=training_file_reasons, max_running=settings.max_running, promote=settings.promote)
+
+    async def _move_fine_tuning_jobs(self) -> None:
+        while True:
+            try:
+                await self.fine_tuning.tick()
+            except Exception:  # a job's runner or provider unreachable for a moment: try again next tick
+                logger.exception("fine-tuning jobs: tick failed")
+            await asyncio.sleep(3)
 
     async def health(self) -> HealthReport:
         report = health_from_status(await self.status.read(), self.status.app_name)
@@ -205,5 +244,7 @@ class Gateway:
         self._tasks = [loop.create_task(self.status.poll())]
         if self._cloud is not None and self.router is not None:
             self._tasks.append(loop.create_task(self._learn_cloud_targets()))
+        if self.fine_tuning is not None:
+            self._tasks.append(loop.create_task(self._move_fine_tuning_jobs()))
         return build_api(self.service, self.config.gateway, self.health, self._route_limits, self.system_status,
-                         auth=self.auth, ledger=self.ledger)
+                         auth=self.auth, ledger=self.ledger, fine_tuning=self.fine_tuning)

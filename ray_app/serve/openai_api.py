@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from ray_app.accounting.config import AuthConfig
 from ray_app.accounting.ledger import BudgetExceeded, Ledger
 from ray_app.accounting.recorder import CostCeilingExceeded, Outcome, SpendRecorder
+from ray_app.datasets.capture import CaptureLog
 from ray_app.embedder import Embeddings, InputTooLongError
 from ray_app.router.config import Route
 from ray_app.router.policy import RoutingError, estimate_cost
@@ -117,6 +118,7 @@ class OpenAIService:
     # model -> why it cannot serve now (None when it can); the gateway answers from Serve's status
     unavailable: Callable[[str], Awaitable[str | None]] = _always_available
     clock: Callable[[], float] = time.monotonic
+    capture: CaptureLog | None = None  # where opted-in chats are kept as training conversations
     _known: list[str] = field(init=False)
     _pending: set[asyncio.Task] = field(init=False, default_factory=set)
 
@@ -267,14 +269,24 @@ class OpenAIService:
                 list(request.messages), rag, caller)
             retrieved = [p.sensitivity for p in passages]  # a confidential chunk keeps the request local
         plan, body = await self._plan(request, caller, "chat", retrieved)
-        return await self._run(plan, request, body, caller, extra)
+        return await self._run(plan, request, body, caller, extra, self._capture_for(request, caller, plan, retrieved))
+
+    def _capture_for(self, request: Any, caller: Caller, plan: Plan, retrieved: list[str]) -> dict[str, Any] | None:
+        """Provenance of a chat that is to be captured (a key's or a route's opt-in), else None."""
+        route = self.router.config.routes.get(plan.route) if self.router and not plan.direct else None
+        if self.capture is None or not ((caller.key and caller.key.capture) or (route and route.capture)):
+            return None
+        local_only = caller.confidential or "confidential" in retrieved or bool(plan.features and plan.features.local_only)
+        return {"messages": [m if isinstance(m, dict) else dict(m) for m in request.messages],
+                "metadata": {"key_id": caller.key_id, "route": plan.route, "model": plan.targets[0].model_id,
+                             "sensitivity": "confidential" if local_only else "internal"}}
 
     async def completions(self, request: CompletionRequest, caller: Caller = OPEN_ANONYMOUS) -> dict | WithHeaders:
         plan, body = await self._plan(request, caller, "completions", [])
         return await self._run(plan, request, body, caller, {})
 
     async def _run(self, plan: Plan, request: Any, body: dict[str, Any] | None, caller: Caller,
-                   extra: dict[str, Any]) -> dict | WithHeaders:
+                   extra: dict[str, Any], capture: dict[str, Any] | None = None) -> dict | WithHeaders:
         reservation = await self._reserve(caller, self._estimate(plan, request))
         outcome = Outcome(plan.route, plan.targets[0].name if plan.targets else "-", request.model or "-",
                           started=self.clock())
@@ -285,6 +297,8 @@ class OpenAIService:
                 await self._settle_failure(caller, reservation, outcome, exc)
                 raise self._client_error(exc) from None
             cost = await self._settle(caller, reservation, outcome, plan.endpoint, False)
+            if capture is not None and answer.get("choices"):
+                self._keep(capture, answer["choices"][0].get("message", {}).get("content") or "")
             if info is not None:
                 info.cost_usd = cost
             headers = info.headers() if info is not None else {"x-ray-app-cost-usd": f"{cost:.8f}"}
@@ -299,20 +313,29 @@ class OpenAIService:
             await self._settle_failure(caller, reservation, outcome, exc)
             raise self._client_error(exc) from None
         assert isinstance(started, Started)
-        stream = self._sse(events, caller, reservation, outcome, extra, client_wants_usage, plan.endpoint)
+        stream = self._sse(events, caller, reservation, outcome, extra, client_wants_usage, plan.endpoint, capture)
         return WithHeaders(stream, started.info.headers() if started.info else {})
+
+    def _keep(self, capture: dict[str, Any], answer: str) -> None:
+        try:
+            self.capture.write(capture["messages"], answer, capture["metadata"])
+        except OSError:  # capture is for later training: a full disk must not fail the answer
+            logger.exception("could not capture a conversation")
 
     async def _sse(self, events: AsyncIterator[StreamEvent], caller: Caller, reservation: str | None,
                    outcome: Outcome, extra: dict[str, Any], client_wants_usage: bool,
-                   endpoint: str) -> AsyncIterator[str]:
+                   endpoint: str, capture: dict[str, Any] | None = None) -> AsyncIterator[str]:
         settled = False
         ttft: float | None = None
+        said: list[str] = []
         try:
             try:
                 async for event in events:
                     if isinstance(event, Chunks):
                         out = []
                         for chunk in event.items:
+                            if capture is not None and chunk.data.get("choices"):
+                                said.append((chunk.data["choices"][0].get("delta") or {}).get("content") or "")
                             if chunk.is_usage and not client_wants_usage:
                                 continue
                             if extra:
@@ -327,6 +350,8 @@ class OpenAIService:
                         # durable before the client hears the stream is complete
                         await self._settle(caller, reservation, outcome, endpoint, True, ttft)
                         settled = True
+                        if capture is not None and outcome.status == "ok":
+                            self._keep(capture, "".join(said))
             except (APIError, RoutingError) as exc:
                 yield sse(Failed(self._client_error(exc)))
             except Exception as exc:  # a broken replica mid-stream: tell the client in-band

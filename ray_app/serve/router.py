@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray_app.router.config import RouterConfig, Target
-from ray_app.router.providers import Provider, ProviderError, make_provider
+from ray_app.router.providers import OpenAIProvider, Provider, ProviderError, make_provider
 
 
 def _missing_credentials(target: Target) -> str | None:
@@ -30,6 +30,7 @@ class CloudProviders:
     """Provider clients for every cloud target of a router config that has credentials here."""
 
     def __init__(self, config: RouterConfig, environ: dict[str, str] | None = None):
+        self.config = config
         self.providers: dict[str, Provider] = {}
         self.unavailable: dict[str, str] = {}
         for target in config.targets:
@@ -58,6 +59,31 @@ class CloudProviders:
     async def stream(self, target: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         async for chunk in self._provider(target).stream(request):
             yield chunk
+
+    # -- fine-tuning at the provider (the fine-tuning API's cloud jobs) ------------------------------
+
+    def _fine_tuning_client(self, target: str):
+        provider = self._provider(target)
+        if not isinstance(provider, OpenAIProvider):
+            raise ProviderError(target, "fine-tuning is offered for OpenAI and Azure OpenAI targets only", 400)
+        return provider.client
+
+    async def fine_tune_create(self, target: str, training: bytes, filename: str,
+                               params: dict[str, Any]) -> dict[str, Any]:
+        client = self._fine_tuning_client(target)
+        model = next(t.model for t in self.config.targets if t.name == target)
+        uploaded = await client.files.create(file=(filename, training), purpose="fine-tune")
+        hyperparameters = {k: v for k, v in (params.get("hyperparameters") or {}).items() if v != "auto"}
+        job = await client.fine_tuning.jobs.create(
+            model=model, training_file=uploaded.id, suffix=params.get("suffix"), seed=params.get("seed"),
+            **({"hyperparameters": hyperparameters} if hyperparameters else {}))
+        return job.model_dump(mode="json")
+
+    async def fine_tune_retrieve(self, target: str, provider_job_id: str) -> dict[str, Any]:
+        return (await self._fine_tuning_client(target).fine_tuning.jobs.retrieve(provider_job_id)).model_dump(mode="json")
+
+    async def fine_tune_cancel(self, target: str, provider_job_id: str) -> dict[str, Any]:
+        return (await self._fine_tuning_client(target).fine_tuning.jobs.cancel(provider_job_id)).model_dump(mode="json")
 
 
 RouterServer = CloudProviders  # the deployment class: nothing to add for Serve

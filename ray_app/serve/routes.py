@@ -20,6 +20,7 @@ from pydantic import Field
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ray_app.accounting.ledger import Ledger
+from ray_app.fine_tuning.jobs import FineTuningService
 from ray_app.accounting.usage import UsageQuery
 from ray_app.documents.retrieval import RetrieveRequest
 from ray_app.schema import Strict
@@ -71,7 +72,7 @@ def _respond(result: dict | AsyncIterator[str] | WithHeaders) -> Response:
 def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[], Awaitable[HealthReport]],
               route_limits: dict[str, int] | None = None,
               system_status: Callable[[], Awaitable[dict]] | None = None, auth: Auth | None = None,
-              ledger: Ledger | None = None) -> FastAPI:
+              ledger: Ledger | None = None, fine_tuning: FineTuningService | None = None) -> FastAPI:
     """The app; ``route_limits`` gives path prefixes (uploads, OCR) body limits of their own; ``auth``
     admits callers (none: everyone is the open anonymous caller); ``ledger`` serves ``/v1/usage``."""
     app = FastAPI(title="ray_app", description="OpenAI-compatible API over Ray Serve", version="1")
@@ -84,6 +85,10 @@ def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[]
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_allow_origins,
                            allow_methods=["*"], allow_headers=["*"])
     documents = service.documents
+    if fine_tuning is not None:
+        from ray_app.serve.fine_tuning_routes import fine_tuning_router
+
+        app.include_router(fine_tuning_router(fine_tuning))
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:

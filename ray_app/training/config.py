@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
+from ray_app.cluster import ClusterShare
 from ray_app.paths import DataDir
 from ray_app.schema import Strict, load_yaml, parse
 
@@ -92,6 +93,9 @@ class TrainConfig(Strict):
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by resuming from the last checkpoint.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    cluster_share: ClusterShare = Field(
+        "fit", description="fit: scale the workers' CPU requests to what the cluster has free (a laptop that also "
+                           "serves); strict: keep them and wait (a cluster that autoscales).")
     data_dir: str | None = None
 
     @model_validator(mode="after")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ray_app.cluster import init_ray
 from ray_app.training.config import DistillConfig, TrainConfig
 from ray_app.training.data import DatasetError, TokenizedData, prepare
 
@@ -32,19 +32,19 @@ class TrainingResult:
     version: int | None = None
     resumed_from_steps: list[int] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)  # every report of rank 0, in order
+    trained_tokens: int = 0
 
 
-def init_ray(address: str | None = None) -> None:
-    import ray
+def fit_scaling(config: TrainConfig) -> TrainConfig:
+    """The config with its workers' CPU requests fitted to what the cluster has free (``cluster_share``)."""
+    from ray_app.cluster import Demand, share_cpus
 
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, logging_level="WARNING")
-    else:
-        # Train workers hold their CPUs; logical CPUs above the core count leave room for the
-        # Ray Data feeding and the controller (on 2 cores, exactly 2 logical CPUs would hang).
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, logging_level="WARNING")
+    scaling = config.scaling
+    fitted = share_cpus(f"training {config.name}", [Demand("worker", scaling.num_workers, scaling.cpus_per_worker)],
+                        config.cluster_share)["worker"]
+    if fitted == scaling.cpus_per_worker:
+        return config
+    return config.model_copy(update={"scaling": scaling.model_copy(update={"cpus_per_worker": fitted})})
 
 
 def load_tokenizer(model_path: str):
@@ -114,9 +114,14 @@ def _artifact_from_checkpoint(config: TrainConfig, model_path: str, tokenizer, c
 
 def run_training(config: TrainConfig, *, register: bool | None = None, run_name: str | None = None,
                  serve_model_path: str | None = None, tune_callbacks: list | None = None,
-                 evaluate_result: bool = True) -> TrainingResult:
+                 evaluate_result: bool = True, events: Any = None) -> TrainingResult:
     """Train, evaluate (base vs. adapter), check parity and register. Raises ``DatasetError`` before
-    any worker starts when the data cannot be trained on."""
+    any worker starts when the data cannot be trained on. ``events`` (a fine-tuning job's
+    ``EventLog``) gets what happens, step by step."""
+
+    def say(message: str, **data: Any) -> None:
+        if events is not None:
+            events.add(message, data=data)
     import mlflow
 
     from ray_app.models.resolve import resolve_source
@@ -135,6 +140,8 @@ def run_training(config: TrainConfig, *, register: bool | None = None, run_name:
     print(f"[data] {len(data.train)} training rows ({data.train_tokens} tokens), {len(data.validation)} held out, "
           f"{len(data.problems)} bad lines skipped, {data.truncated} truncated to {config.data.max_seq_len} tokens",
           flush=True)
+    say(f"Training data: {len(data.train)} rows ({data.train_tokens} tokens), {len(data.validation)} held out, "
+        f"{len(data.problems)} bad lines skipped", train_rows=len(data.train), train_tokens=data.train_tokens)
     teacher_path = None
     if isinstance(config, DistillConfig):
         teacher_path = resolve_source(config.distill.teacher, paths)
@@ -156,12 +163,16 @@ def run_training(config: TrainConfig, *, register: bool | None = None, run_name:
         if data.problems:
             mlflow.log_text("\n".join(map(str, data.problems)), "data_problems.txt")
 
+        init_ray()  # the server's cluster when one runs, else a local Ray of its own
+        config = fit_scaling(config)
         steps = total_steps(config, len(data.train), config.scaling.num_workers)
         loop_config = {"config": config.model_dump(mode="json"), "config_class": type(config).__name__,
                        "model_path": model_path, "teacher_path": teacher_path,
                        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                       "total_steps": steps, "tracking_uri": tracking_uri, "run_id": run.info.run_id}
-        init_ray()
+                       "total_steps": steps, "tracking_uri": tracking_uri, "run_id": run.info.run_id,
+                       "events_path": str(events.path) if events is not None else None}
+        say(f"Training {steps} steps on {config.scaling.num_workers} Ray Train worker(s) "
+            f"({config.scaling.cpus_per_worker:g} CPU each)", total_steps=steps)
         result = build_trainer(config, data, loop_config, run_name, tune_callbacks).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training ended without a checkpoint: {result.error}")
@@ -174,7 +185,9 @@ def run_training(config: TrainConfig, *, register: bool | None = None, run_name:
         artifact = _artifact_from_checkpoint(config, model_path, tokenizer, result.checkpoint, out)
         # promotion re-checks parity against a live endpoint with the same prompts
         (artifact / GOLDEN_PROMPTS).write_text(json.dumps(config.eval.golden_prompts))
-        outcome = TrainingResult(run.info.run_id, artifact, metrics, resumed_from_steps=resumed, history=history)
+        examples_seen = steps * config.optim.batch_size * config.optim.gradient_accumulation * config.scaling.num_workers
+        outcome = TrainingResult(run.info.run_id, artifact, metrics, resumed_from_steps=resumed, history=history,
+                                 trained_tokens=int(data.train_tokens * examples_seen / max(len(data.train), 1)))
         if evaluate_result:
             scores = {}
             for label, adapter in (("base", None), ("adapter", str(artifact))):
@@ -188,6 +201,9 @@ def run_training(config: TrainConfig, *, register: bool | None = None, run_name:
             outcome.parity = "passed" if parity.passed else "failed"
             mlflow.log_text(json.dumps({"passed": parity.passed, "mismatches": parity.mismatches}, indent=2), "parity.json")
             print(f"[eval] {json.dumps(scores)}; {parity.summary()}", flush=True)
+            say("Evaluation on the held-out examples: " + ", ".join(f"{k}={v:.4g}" for k, v in scores.items()),
+                **scores)
+            say(f"Train->serve parity check: {outcome.parity}", parity=outcome.parity)
         mlflow.log_artifacts(str(artifact), "adapter")
         if register if register is not None else config.tracking.register_model:
             registry = AdapterRegistry(tracking_uri)
@@ -199,6 +215,7 @@ def run_training(config: TrainConfig, *, register: bool | None = None, run_name:
             })
             outcome.version = version.version
             print(f"[registry] {config.name} version {version.version} registered (parity {outcome.parity})", flush=True)
+            say(f"Registered {config.name} version {version.version} in the MLflow registry", version=version.version)
         return outcome
     finally:
         mlflow.end_run()

@@ -48,21 +48,36 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature: float
 
 
 class _Tracker:
-    """Per-step metrics into the job's MLflow run (rank 0 only)."""
+    """Per-step metrics into the job's MLflow run, and into a fine-tuning job's events (rank 0 only)."""
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None):
+    def __init__(self, tracking_uri: str | None, run_id: str | None, events_path: str | None = None):
         self.client = None
         if tracking_uri and run_id:
             from mlflow.tracking import MlflowClient
 
             self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.events = None
+        if events_path:
+            from ray_app.fine_tuning.events import EventLog
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+            self.events = EventLog(events_path)
+
+    def log(self, metrics: dict[str, float], step: int, total_steps: int) -> None:
         if self.client is not None:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        if self.events is not None:
+            shown = {"step": step, "train_loss": round(metrics["loss"], 4),
+                     "valid_loss": round(metrics["val_loss"], 4) if "val_loss" in metrics else None,
+                     "tokens_per_s": round(metrics["tokens_per_s"], 1)}
+            self.events.add(f"Step {step}/{total_steps}: training loss={shown['train_loss']}"
+                            + (f", validation loss={shown['valid_loss']}" if shown["valid_loss"] is not None else ""),
+                            data=shown, kind="metrics")
+            self.events.add(f"Checkpoint saved at step {step}", kind="checkpoint",
+                            data={"step": step, "metrics": {k: v for k, v in shown.items() if k != "step"},
+                                  "checkpoint": f"step-{step}"})
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -127,7 +142,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         module = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None) \
             if config.method != "qlora" else model
 
-    tracker = _Tracker(loop_config.get("tracking_uri"), loop_config.get("run_id")) if rank == 0 else _Tracker(None, None)
+    tracker = (_Tracker(loop_config.get("tracking_uri"), loop_config.get("run_id"), loop_config.get("events_path"))
+               if rank == 0 else _Tracker(None, None))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     accum = config.optim.gradient_accumulation
@@ -176,7 +192,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             from ray_app.metrics import record_train_step
 
-            tracker.log(metrics, step)
+            tracker.log(metrics, step, steps)
             record_train_step(context.get_experiment_name(), step, metrics["loss"], metrics["tokens_per_s"])
             print(f"[train] step {step}/{steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
             with tempfile.TemporaryDirectory() as folder:

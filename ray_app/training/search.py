@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass
 
 from ray_app.training.config import TuneConfig
-from ray_app.training.finetune import init_ray, run_training, template_hash
+from ray_app.cluster import init_ray
+from ray_app.training.finetune import run_training, template_hash
 
 
 @dataclass

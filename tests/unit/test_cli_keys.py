@@ -109,7 +109,8 @@ def test_create_list_authenticate_revoke(env):
         "key_id": alice, "name": "alice", "created_at": None, "status": "active", "revoked_at": None,
         "budget_usd": 5.0, "rpm": 10, "tpm": None, "effective_budget_usd": 5.0, "effective_rpm": 10,
         "effective_tpm": 1000, "confidential": True, "budget_period": "month",
-        "scopes": {"admin": False, "read": ["*"], "write": ["hr", "legal"], "clearance": "confidential"},
+        "scopes": {"admin": False, "read": ["*"], "write": ["hr", "legal"], "clearance": "confidential",
+                   "fine_tune": False},
         "max_tokens": 256, "max_n": None, "max_request_usd": None, "capture": False,
         "period_start": datetime.now(UTC).strftime("%Y-%m-01"), "spend_usd": pytest.approx(0.75)}
     assert by_id[alice]["created_at"].startswith(datetime.now(UTC).strftime("%Y-%m-%d"))

@@ -159,11 +159,12 @@ def test_the_router_config_is_checked_against_the_served_models(monkeypatch, tmp
     assert "route 'all-minilm-l6-v2' has the name of a served model" in str(exc.value)
 
 
-def test_the_shipped_app_fits_a_two_cpu_laptop():
-    """Every replica's logical-CPU reservation plus each engine's bundle must fit `serve run` on 2 CPUs:
-    one more reservation leaves a replica (the Gateway, last time) pending forever with no error."""
+def test_the_shipped_app_fits_a_two_cpu_laptop_and_leaves_room_for_jobs():
+    """Every replica's logical-CPU reservation plus each engine's bundle must fit `serve run` on 2 CPUs
+    (one more reservation left the Gateway pending forever with no error), and leave a share for the
+    jobs that run beside the server (ingest, dataset builds, fine-tuning fit their requests into it)."""
     config = AppConfig.load(shipped_args())
     deployments = [config.gateway, *config.embedders, config.ocr, config.knowledge, config.router]
     replica_cpus = sum(d.replicas.num_cpus * (d.replicas.num_replicas or 1) for d in deployments if d is not None)
     engine_cpus = sum((m.engine_cpus + m.replicas.num_cpus) * (m.replicas.num_replicas or 1) for m in config.llms)
-    assert replica_cpus + engine_cpus <= 2.0, (replica_cpus, engine_cpus)
+    assert replica_cpus + engine_cpus <= 2.0 - 0.5, (replica_cpus, engine_cpus)

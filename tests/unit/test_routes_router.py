@@ -336,3 +336,23 @@ async def test_keys_mode_guards_every_path_but_the_public_ones_under_a_route_pre
         assert response.status_code == 401, (path, response.status_code)
     assert (await prefixed.get("/locked/health")).status_code == 200
     assert (await prefixed.get("/locked/openapi.json")).status_code == 200
+
+
+async def test_chats_are_captured_only_for_keys_that_opt_in(tmp_path):
+    from ray_app.datasets.build import read_conversations
+    from ray_app.datasets.capture import CaptureLog
+
+    h = Harness(tmp_path)
+    h.service.capture = CaptureLog(tmp_path / "captures")
+    quiet, keen = h.keys.create("quiet"), h.keys.create("keen", capture=True, confidential=True)
+    await h.client(quiet.secret).chat.completions.create(**CHAT | {"model": "fake-llm"})
+    assert not (tmp_path / "captures").exists()  # off by default
+    await h.client(keen.secret).chat.completions.create(**CHAT | {"model": "fake-llm"})
+    stream = await h.client(keen.secret).chat.completions.create(**CHAT, stream=True)
+    _ = [c async for c in stream]
+    records = read_conversations(tmp_path / "captures")
+    assert len(records) == 2
+    assert [r.answer for r in records] == ["Paris is the capital."] * 2
+    assert records[0].question == "hello" and records[1].metadata["route"] == "auto"
+    assert {r.metadata["sensitivity"] for r in records} == {"confidential"}  # a confidential key's chats
+    assert {r.metadata["key_id"] for r in records} == {keen.record.key_id}
