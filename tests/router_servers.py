@@ -1,7 +1,9 @@
 """Loopback servers that speak the real wire protocols of the router's cloud providers.
 
 ``OpenAIServer`` serves OpenAI's chat completions (JSON and server-sent events), also under Azure's
-``/openai/deployments/{deployment}/...`` path; ``BedrockServer`` serves Bedrock's Converse and
+``/openai/deployments/{deployment}/...`` path, and the files and fine-tuning jobs API (under ``/v1`` and
+Azure's ``/openai``: a job is created ``validating_files``, reads ``running`` when next retrieved and ``succeeded``
+after that, as a provider's would over some minutes); ``BedrockServer`` serves Bedrock's Converse and
 ConverseStream, the latter in AWS's binary event-stream encoding, and insists on a SigV4 signature.
 The real SDK clients (``openai``, ``boto3``) talk to them over HTTP on 127.0.0.1, so the providers'
 request building and response parsing are exercised for real. Both record every request and can be
@@ -92,6 +94,61 @@ class OpenAIServer(_LoopbackServer):
         super().__init__(reply)
         self.app.post("/v1/chat/completions")(self._chat)
         self.app.post("/openai/deployments/{deployment}/chat/completions")(self._chat)
+        self.files: dict[str, bytes] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        for prefix in ("/v1", "/openai"):
+            self.app.post(prefix + "/files")(self._file_create)
+            self.app.post(prefix + "/fine_tuning/jobs")(self._job_create)
+            self.app.get(prefix + "/fine_tuning/jobs/{job_id}")(self._job_retrieve)
+            self.app.post(prefix + "/fine_tuning/jobs/{job_id}/cancel")(self._job_cancel)
+
+    def _note(self, request: Request, body: dict[str, Any]) -> None:
+        with self._lock:
+            self.requests.append(RecordedRequest(request.url.path, dict(request.query_params),
+                                                 {k.lower(): v for k, v in request.headers.items()}, body))
+
+    async def _file_create(self, request: Request) -> Response:
+        form = await request.form()
+        upload = form["file"]
+        data = await upload.read()
+        self._note(request, {"purpose": form.get("purpose"), "filename": upload.filename, "bytes": len(data)})
+        file_id = f"file-loop{len(self.files)}"
+        self.files[file_id] = data
+        return JSONResponse({"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                             "filename": upload.filename, "purpose": form.get("purpose"), "status": "processed"})
+
+    async def _job_create(self, request: Request) -> Response:
+        body = await request.json()
+        self._note(request, body)
+        if body.get("training_file") not in self.files:
+            return JSONResponse({"error": {"message": f"no file {body.get('training_file')}", "type":
+                                           "invalid_request_error", "param": "training_file", "code": None}}, 400)
+        job_id = f"ftjob-loop{len(self.jobs)}"
+        self.jobs[job_id] = {
+            "id": job_id, "object": "fine_tuning.job", "created_at": int(time.time()), "model": body["model"],
+            "training_file": body["training_file"], "validation_file": None, "status": "validating_files",
+            "fine_tuned_model": None, "finished_at": None, "error": None, "organization_id": "org-loop",
+            "result_files": [], "trained_tokens": None, "seed": body.get("seed") or 0,
+            "hyperparameters": body.get("hyperparameters") or {"n_epochs": "auto"}, "suffix": body.get("suffix")}
+        return JSONResponse(self._public(job_id))
+
+    def _public(self, job_id: str) -> dict[str, Any]:
+        return dict(self.jobs[job_id])
+
+    async def _job_retrieve(self, job_id: str, request: Request) -> Response:
+        self._note(request, {})
+        job = self.jobs[job_id]
+        if job["status"] == "validating_files":
+            job["status"] = "running"
+        elif job["status"] == "running":
+            job |= {"status": "succeeded", "finished_at": int(time.time()), "trained_tokens": 4321,
+                    "fine_tuned_model": f"ft:{job['model']}:org-loop:{job['suffix'] or 'custom'}:{job_id[-5:]}"}
+        return JSONResponse(self._public(job_id))
+
+    async def _job_cancel(self, job_id: str, request: Request) -> Response:
+        self._note(request, {})
+        self.jobs[job_id] |= {"status": "cancelled", "finished_at": int(time.time())}
+        return JSONResponse(self._public(job_id))
 
     async def _chat(self, request: Request) -> Response:
         body, fail = await self._record(request)

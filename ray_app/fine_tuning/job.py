@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from pathlib import Path
 from typing import Any
 
 from ray_app.fine_tuning.events import EventLog, StatusFile

@@ -48,6 +48,8 @@ class ScalingSettings(Strict):
     cpus_per_worker: PositiveFloat = 1
     torch_threads: PositiveInt | None = Field(1, description="torch threads per worker (1 was fastest on 2 cores).")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra custom resources.")
+    nice: int = Field(0, ge=0, le=19, description="OS niceness of the worker processes: above 0 a server "
+                                                  "sharing the cores gets them first.")
 
 
 class DeepSpeedSettings(Strict):

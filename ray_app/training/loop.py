@@ -91,6 +91,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = config_cls.model_validate(loop_config["config"])
     if config.scaling.torch_threads:
         torch.set_num_threads(config.scaling.torch_threads)
+    if config.scaling.nice:
+        # Ray's logical CPUs do not reach the OS scheduler; niceness does: the server beside us goes first
+        os.nice(max(0, config.scaling.nice - os.nice(0)))
     torch.manual_seed(config.optim.seed)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

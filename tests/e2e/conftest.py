@@ -34,6 +34,12 @@ TINY = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    # the journey starts a cluster the README's way, on the machine's default addresses: before the
+    # session's own cluster exists (a stable sort keeps every other test's order)
+    items.sort(key=lambda item: item.path.name != "test_journey.py")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

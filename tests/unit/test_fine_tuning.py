@@ -248,3 +248,56 @@ async def test_a_cloud_model_is_fine_tuned_at_the_provider_unless_the_file_is_co
     assert job.status == "validating_files"
     tracked = await h.client.fine_tuning.jobs.retrieve(job.id)  # in the same list, status from the provider
     assert tracked.status == "succeeded" and tracked.fine_tuned_model == "ft:gpt-4o-mini:org::abc"
+
+
+class ProvidersAsCloud:
+    """The Router deployment's methods, called in process (the gateway reaches them through a handle)."""
+
+    def __init__(self, providers):
+        self.create, self.retrieve, self.cancel = (providers.fine_tune_create, providers.fine_tune_retrieve,
+                                                   providers.fine_tune_cancel)
+
+
+@pytest.mark.parametrize("kind", ["openai", "azure"])
+async def test_cloud_jobs_speak_the_providers_wire_protocol(tmp_path, kind):
+    from ray_app.router.config import RouterConfig
+    from ray_app.serve.router import CloudProviders
+    from tests.router_servers import OpenAIServer
+
+    server = OpenAIServer().start()
+    try:
+        base = {"base_url": server.url, "api_version": "2024-10-21"} if kind == "azure" else {
+            "base_url": server.url + "/v1"}
+        config = RouterConfig.model_validate({
+            "targets": [{"name": "cloud-t", "kind": kind, "model": "gpt-4o-mini-2024-07-18", "api_key_env": "K",
+                         "context_window": 8192, "price_in_per_mtok": 1, "price_out_per_mtok": 2, **base}],
+            "routes": {"auto": {"targets": ["cloud-t"]}}})
+        h = Harness(tmp_path)
+        h.service.cloud_models, h.service.cloud = {"gpt-4o-mini": "cloud-t"}, ProvidersAsCloud(
+            CloudProviders(config, environ={"K": "sk-loop"}))
+        public = (line("hi", "hello", metadata={"doc_id": "d2", "chunk": 0, "sensitivity": "public"}) + "\n").encode()
+        job = await h.client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=await h.upload(public),
+                                                     suffix="handbook", hyperparameters={"n_epochs": 2})
+        upload, create = server.requests[:2]
+        prefix = "/openai" if kind == "azure" else "/v1"
+        assert (upload.path, create.path) == (prefix + "/files", prefix + "/fine_tuning/jobs")
+        if kind == "azure":
+            assert upload.headers["api-key"] == "sk-loop" and create.query == {"api-version": "2024-10-21"}
+        else:
+            assert create.headers["authorization"] == "Bearer sk-loop"
+        # the provider got the file without our provenance, and the job for the target's model
+        assert server.files[create.body["training_file"]] == (line("hi", "hello") + "\n").encode()
+        assert create.body["model"] == "gpt-4o-mini-2024-07-18" and create.body["suffix"] == "handbook"
+        assert create.body["hyperparameters"] == {"n_epochs": 2}
+        assert job.status == "validating_files" and job.id.startswith("ftjob-")
+
+        assert (await h.client.fine_tuning.jobs.retrieve(job.id)).status == "running"
+        done = await h.client.fine_tuning.jobs.retrieve(job.id)  # status and model as the provider has them
+        assert done.status == "succeeded" and done.fine_tuned_model.startswith("ft:gpt-4o-mini-2024-07-18:")
+        assert [j.id for j in (await h.client.fine_tuning.jobs.list()).data] == [job.id]
+
+        second = await h.client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=await h.upload(public))
+        cancelled = await h.client.fine_tuning.jobs.cancel(second.id)
+        assert cancelled.status == "cancelled" and server.requests[-1].path.endswith("/cancel")
+    finally:
+        server.stop()
