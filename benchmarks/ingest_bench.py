@@ -15,6 +15,7 @@ cores) and pipeline/embed-only in chunks/s (text documents only; target >= 0.7x)
 
     python benchmarks/ingest_bench.py
     python benchmarks/ingest_bench.py --files 60
+    python benchmarks/ingest_bench.py --smoke          # 12 files, seconds (tests; on a running cluster if any)
 
 Writes benchmarks/results/ingest_bench.json and ingest_bench.png.
 """
@@ -24,8 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, write_results  # noqa: E402
 
 SCANNED = {"scan", "png"}
 
@@ -143,19 +144,20 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--files", type=int, default=200, help="files in the generated corpus")
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="12 files: seconds (the test suite)")
+    parser.add_argument("--files", type=int, default=None, help="files in the generated corpus (default 200)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "ingest.yaml"))
     parser.add_argument("--data-dir", default=None, help="ray_app data directory holding the prepared models")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    files = args.files or (12 if args.smoke else 200)
 
     import ray
 
+    from ray_app.cluster import init_ray
     from ray_app.documents.config import IngestConfig
-    from ray_app.documents.pipeline import init_ray
     from ray_app.models.resolve import resolve_source
     from ray_app.paths import DataDir
     from tests.corpus import scaled_corpus
@@ -164,7 +166,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         tmp = Path(tmp)
         mixed, text = tmp / "mixed", tmp / "text"
-        counts = scaled_corpus(mixed, args.files)
+        counts = scaled_corpus(mixed, files)
         text.mkdir()
         scanned = 0
         for path in sorted(mixed.iterdir()):
@@ -189,16 +191,21 @@ def main() -> None:
         seq_text, _ = sequential(text, data / "text-seq", embedder_path, config)
 
         started = time.perf_counter()
-        init_ray(None)
+        own_ray = not ray.is_initialized() and init_ray(None) == "started"
         ray_start = time.perf_counter() - started
         pipe_mixed = pipeline(mixed, "mixed", config)
         print("pipeline (mixed):", json.dumps(pipe_mixed), file=sys.stderr)
         pipe_text = pipeline(text, "text", config)
         print("pipeline (text):", json.dumps(pipe_text), file=sys.stderr)
-        ray.shutdown()
+        # the run's store actor is detached and its folder goes with this temp dir: stop it
+        from ray_app.documents.store_actor import NAMESPACE, store_actor_name
+
+        ray.kill(ray.get_actor(store_actor_name(config.store, config.paths), namespace=NAMESPACE))
+        if own_ray:
+            ray.shutdown()
 
     report = {
-        "benchmark": "ingest", "corpus": counts, "config": Path(args.config).name,
+        "benchmark": "ingest_bench", "smoke": args.smoke, "corpus": counts, "config": Path(args.config).name,
         "stages": {name: getattr(config, name).model_dump() for name in ("parse", "ocr_stage", "embed")},
         "embedder_threads": config.embedder_threads, "ray_start_s": round(ray_start, 2),
         "mixed": {"scanned_files": scanned, "sequential": seq_mixed, "pipeline": pipe_mixed},
@@ -209,18 +216,16 @@ def main() -> None:
             "pipeline_vs_embed_only_text": round(pipe_text["chunks_per_s"] / limit["chunks_per_s"], 2),
         },
         "targets": {"pipeline_vs_sequential": 1.7, "pipeline_vs_embed_only_text": 0.7},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ingest_bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, out / "ingest_bench.png")
+    write_results("ingest_bench" + ("_smoke" if args.smoke else ""), report, Path(args.out), plot)
     print(f"{'':24} {'files/s':>8} {'pages/s':>8} {'chunks/s':>9}")
     for label, r in (("sequential, mixed", seq_mixed), ("pipeline, mixed", pipe_mixed),
                      ("sequential, text", seq_text), ("pipeline, text", pipe_text)):
         print(f"{label:24} {r['files_per_s']:8.2f} {r['pages_per_s']:8.2f} {r['chunks_per_s']:9.1f}")
     print(f"{'embed-only, text chunks':24} {'':8} {'':8} {limit['chunks_per_s']:9.1f}")
     print(json.dumps(report["ratios"]))
+    return report
 
 
 def _is_scan(path: Path) -> bool:

@@ -14,6 +14,7 @@ never copied into the repo).
 
     python benchmarks/ocr_bench.py
     python benchmarks/ocr_bench.py --limit 10 --modes 3
+    python benchmarks/ocr_bench.py --smoke             # 2 forms, one mode: seconds (tests)
 
 Writes benchmarks/results/ocr_bench.json and ocr_bench.png.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, write_results  # noqa: E402
 
 
 def load_funsd(folder: Path, limit: int | None) -> list[tuple[Path, list[dict]]]:
@@ -144,15 +146,17 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="2 forms, psm 3, 2 workers: seconds (tests)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "funsd-testing"))
     parser.add_argument("--limit", type=int, default=None, help="only the first N forms")
     parser.add_argument("--modes", type=int, nargs="+", default=[3, 11], help="page segmentation modes to score")
     parser.add_argument("--workers", type=int, default=2, help="pages OCR'd at once in the parallel run")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.limit, args.modes = args.limit or 2, [3]
 
     pages = load_funsd(Path(args.data), args.limit)
     version = subprocess.run(["tesseract", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
@@ -163,18 +167,16 @@ def main() -> None:
     if args.workers > 1:
         runs.append(run_ours(pages, args.modes[0], args.workers))
     default = next(r for r in runs if r.get("psm") == 3 and r["workers"] == 1 and "cer" in r)
-    report = {"benchmark": "ocr", "dataset": "FUNSD test (50 scanned forms)", "tesseract": version.strip(),
-              "runs": runs, "ours_vs_cli_speed": round(default["pages_per_s"] / runs[0]["pages_per_s"], 3),
-              "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform()}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ocr_bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, out / "ocr_bench.png")
+    report = {"benchmark": "ocr_bench", "dataset": f"FUNSD test ({len(pages)} scanned forms)", "smoke": args.smoke,
+              "tesseract": version.strip(), "runs": runs,
+              "ours_vs_cli_speed": round(default["pages_per_s"] / runs[0]["pages_per_s"], 3), "machine": machine()}
+    write_results("ocr_bench" + ("_smoke" if args.smoke else ""), report, Path(args.out), plot)
     print(f"{'run':28} {'workers':>7} {'pages/s':>8} {'CER':>7} {'word acc':>8}")
     for r in runs:
         print(f"{r['name']:28} {r['workers']:7d} {r['pages_per_s']:8.3f} {r.get('cer', float('nan')):7.4f} "
               f"{r.get('word_accuracy', float('nan')):8.4f}")
     print(f"our wrapper vs bare tesseract CLI (1 worker, psm 3): {report['ours_vs_cli_speed']}x the pages/s")
+    return report
 
 
 if __name__ == "__main__":

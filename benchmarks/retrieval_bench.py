@@ -10,6 +10,7 @@ The data is read in place from ../shared/data/beir-scifact (never copied into th
 
     python benchmarks/retrieval_bench.py
     python benchmarks/retrieval_bench.py --data /path/to/beir-scifact --queries 50
+    python benchmarks/retrieval_bench.py --smoke       # 10 queries over 300 documents: seconds (tests)
 
 Writes benchmarks/results/retrieval_bench.json and retrieval_bench.png.
 """
@@ -20,7 +21,6 @@ import argparse
 import asyncio
 import json
 import math
-import platform
 import shutil
 import statistics
 import sys
@@ -31,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, write_results  # noqa: E402
 
 ANCHORS = {"sparse": ("BM25, BEIR paper", 0.665), "dense": ("all-MiniLM-L6-v2, MTEB", 0.645)}
 MODES = ("sparse", "dense", "hybrid")
@@ -147,17 +149,21 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="10 queries over 300 documents, no cache (tests)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "beir-scifact"),
                         help="BEIR SciFact folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
     parser.add_argument("--data-dir", default=None, help="ray_app data directory (prepared models)")
     parser.add_argument("--queries", type=int, default=None, help="evaluate only the first N test queries")
+    parser.add_argument("--docs", type=int, default=None,
+                        help="index only the relevant documents of the evaluated queries plus the first N others")
     parser.add_argument("--chunk-limit", type=int, default=200,
                         help="chunks retrieved per query (enough distinct documents for recall@100)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.queries, args.docs = args.queries or 10, args.docs or 300
 
     from transformers import AutoTokenizer
 
@@ -173,6 +179,9 @@ def main() -> None:
     corpus, queries, qrels = load_beir(Path(args.data))
     if args.queries:
         qrels = dict(list(qrels.items())[: args.queries])
+    if args.docs:
+        keep = {d for relevant in qrels.values() for d in relevant} | set(list(corpus)[: args.docs])
+        corpus = {d: doc for d, doc in corpus.items() if d in keep}
     embedder_path = resolve_source("all-minilm-l6-v2", DataDir.from_path(args.data_dir))
     embedder = SentenceEmbedder(embedder_path, batch_size=64)
     max_tokens, overlap = ChunkingConfig().resolve(embedder.max_tokens, embedder.tokenizer.num_special_tokens_to_add())
@@ -182,7 +191,10 @@ def main() -> None:
     # the index is kept (under the data directory) and reused while the chunking and the embedder are the same
     cache = DataDir.from_path(args.data_dir).root / "bench" / f"scifact-{max_tokens}-{overlap}"
     with tempfile.TemporaryDirectory(prefix="scifact-") as tmp:
-        if (cache / "scifact" / "collection.json").is_file() and (cache / "index.json").is_file():
+        if args.docs:  # a subset: indexed afresh, never cached
+            store = EdgeVectorStore(tmp)
+            indexed = index(corpus, store, embedder, chunker, sparse)
+        elif (cache / "scifact" / "collection.json").is_file() and (cache / "index.json").is_file():
             store = EdgeVectorStore(cache)
             indexed = json.loads((cache / "index.json").read_text())
         else:
@@ -207,23 +219,22 @@ def main() -> None:
         store.close()
 
     report = {
-        "benchmark": "retrieval", "dataset": "BEIR SciFact test", "embedder": "all-minilm-l6-v2",
+        "benchmark": "retrieval_bench", "dataset": "BEIR SciFact test", "smoke": args.smoke,
+        "queries": len(qrels), "documents": len(corpus), "embedder": "all-minilm-l6-v2",
         "chunking": {"max_tokens": max_tokens, "overlap_tokens": overlap}, "index": indexed,
         "store": "qdrant-edge (HNSW dense, BM25 sparse with IDF modifier, RRF k=60)",
         "doc_score": "best chunk", "chunk_limit": args.chunk_limit,
         "anchors_ndcg@10": {m: v for m, (_, v) in ANCHORS.items()}, "target_hybrid_ndcg@10": 0.70,
-        "results": results, "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform()},
+        "results": results, "machine": machine(),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "retrieval_bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, out / "retrieval_bench.png")
+    write_results("retrieval_bench" + ("_smoke" if args.smoke else ""), report, Path(args.out), plot)
     print(f"{'mode':8} {'nDCG@10':>8} {'R@100':>7} {'p50 ms':>7}")
     for mode in MODES:
         r = results[mode]
         print(f"{mode:8} {r['ndcg@10']:8.4f} {r['recall@100']:7.4f} {r['latency_p50_ms']:7.1f}")
     print(f"hybrid vs target 0.70: {results['hybrid']['ndcg@10'] / 0.70:.3f}x; "
           f"vs BM25 anchor: {results['hybrid']['ndcg@10'] / 0.665:.3f}x")
+    return report
 
 
 if __name__ == "__main__":

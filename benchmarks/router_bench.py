@@ -6,11 +6,12 @@ vs. naming the model directly, in the same run.
    ~2,000-token document to summarise, a prompt with a card number); p50/p99 in microseconds.
 2. Throughput: the shipped app (SmolLM2 + the Router deployment; no cloud credentials, so ``auto``
    picks the local model) under concurrent streaming clients, alternating rounds of ``model:
-   smollm2-135m-instruct`` (gateway -> LLM deployment) and ``model: auto`` (gateway -> Router ->
-   LLM deployment). Medians of the rounds; the ratio is routed / direct.
+   smollm2-135m-instruct`` and ``model: auto``. Both stream from the LLM deployment's handle; ``auto``
+   adds the decision and the route's headers. Medians of the rounds; the ratio is routed / direct.
 
     python benchmarks/router_bench.py
     python benchmarks/router_bench.py --concurrency 1 8 --rounds 2
+    python benchmarks/router_bench.py --smoke --port PORT     # tiny model, seconds, on a running cluster
 
 Writes benchmarks/results/router_bench.json and router_bench.png.
 """
@@ -20,11 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,9 +31,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve_bench import PROMPT_WORDS, Ours, run_level, wait_ready  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.load import PROMPT, PROMPT_WORDS, OnServe, run_level, wait_ready  # noqa: E402
 
 PROMPTS = {
     "short chat": "What is a good name for a cat?",
@@ -42,37 +41,36 @@ PROMPTS = {
     "summarize 2k tokens": "Summarize the key points of this report:\n" + " ".join(PROMPT_WORDS * 20)[:8000],
     "card number (PII)": "My card 4111 1111 1111 1111 was charged twice, what can I do?",
 }
+GOALS = {"decision_p99_us": 1000, "throughput_ratio": 0.97}
 
 
 def decision_times(iterations: int) -> dict:
     from ray_app.router.config import RouterConfig
-    from ray_app.router.ledger import Ledger
-    from ray_app.router.providers import Provider
     from ray_app.router.service import RouterService
 
     config = RouterConfig.load(ROOT / "configs" / "router.yaml")
-    with tempfile.TemporaryDirectory() as tmp, Ledger(Path(tmp) / "ledger.sqlite") as ledger:
-        # every target deployed: the policy weighs all four (the providers are never called here)
-        router = RouterService(config, {t.name: Provider(t) for t in config.targets}, ledger)
-        results, everything = {}, []
-        for name, text in PROMPTS.items():
-            request = {"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": 256}
-            samples = []
-            for i in range(iterations + 200):
-                start = time.perf_counter_ns()
-                router.decide(router.features(request))
-                if i >= 200:  # warm-up
-                    samples.append((time.perf_counter_ns() - start) / 1000)
-            samples.sort()
-            everything += samples
-            chain = router.decide(router.features(request)).chain
-            results[name] = {"p50_us": round(samples[len(samples) // 2], 1),
-                             "p99_us": round(samples[int(len(samples) * 0.99)], 1), "chain": chain}
-            print(f"decision {name:22s} p50 {results[name]['p50_us']:7.1f} us  p99 {results[name]['p99_us']:7.1f} us"
-                  f"  -> {' > '.join(chain)}", flush=True)
-        everything.sort()
-        results["all"] = {"p50_us": round(everything[len(everything) // 2], 1),
-                          "p99_us": round(everything[int(len(everything) * 0.99)], 1)}
+    router = RouterService(config)
+    # every cloud target deployed: the policy weighs all four (nothing is called here)
+    router.set_deployed({t.name: None for t in config.targets if t.kind != "local"})
+    results, everything = {}, []
+    for name, text in PROMPTS.items():
+        request = {"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": 256}
+        samples = []
+        for i in range(iterations + 200):
+            start = time.perf_counter_ns()
+            router.decide(router.features(request))
+            if i >= 200:  # warm-up
+                samples.append((time.perf_counter_ns() - start) / 1000)
+        samples.sort()
+        everything += samples
+        chain = router.decide(router.features(request)).chain
+        results[name] = {"p50_us": round(samples[len(samples) // 2], 1),
+                         "p99_us": round(samples[int(len(samples) * 0.99)], 1), "chain": chain}
+        print(f"decision {name:22s} p50 {results[name]['p50_us']:7.1f} us  p99 {results[name]['p99_us']:7.1f} us"
+              f"  -> {' > '.join(chain)}", flush=True)
+    everything.sort()
+    results["all"] = {"p50_us": round(everything[len(everything) // 2], 1),
+                      "p99_us": round(everything[int(len(everything) * 0.99)], 1)}
     return results
 
 
@@ -98,67 +96,84 @@ def plot(report: dict, path: Path) -> None:
     right.set_xticks(list(x), [f"c={c}" for c in levels])
     right.set_ylabel("output tokens/s")
     right.legend(loc="lower right")
-    right.set_title("SmolLM2-135M through the gateway")
+    right.set_title(f"{report['settings']['model']} through the gateway")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=5000, help="Decisions timed per prompt.")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests-per-client", type=int, default=4)
-    parser.add_argument("--output-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--skip-serving", action="store_true", help="Only time the decisions.")
+def bench_app(smoke: bool) -> tuple[dict, dict | None, str]:
+    """The shipped app's LLM and router (the tiny model in smoke mode), nothing else."""
+    application = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
+    app_args = copy.deepcopy(application["args"]) | {"embedders": [], "ocr": None, "knowledge": None,
+                                                     "fine_tuning": None}
+    router = yaml.safe_load((ROOT / "configs" / "router.yaml").read_text())
+    if smoke:
+        from tests.e2e.conftest import TINY
+
+        app_args["llms"] = [copy.deepcopy(TINY)]
+        local = next(t for t in router["targets"] if t["kind"] == "local")
+        local |= {"model": "tiny-llama", "context_window": 512}
+    else:
+        app_args["llms"] = app_args["llms"][:1]
+    app_args["router"]["config"] = router
+    return app_args, application.get("runtime_env"), app_args["llms"][0]["name"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 clients, 1 round (tests)")
+    parser.add_argument("--iterations", type=int, default=None, help="decisions timed per prompt (default 5000)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 8 32; smoke 2")
+    parser.add_argument("--requests-per-client", type=int, default=None, help="default 4; smoke 2")
+    parser.add_argument("--output-tokens", type=int, default=None, help="default 32; smoke 8")
+    parser.add_argument("--rounds", type=int, default=None, help="default 3; smoke 1")
+    parser.add_argument("--skip-serving", action="store_true", help="only time the decisions")
+    parser.add_argument("--port", type=int, default=None,
+                        help="deploy on the Ray cluster this process is connected to, whose proxy listens here")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    iterations = args.iterations or (200 if args.smoke else 5000)
+    concurrency = args.concurrency or ([2] if args.smoke else [1, 8, 32])
+    per_client = args.requests_per_client or (2 if args.smoke else 4)
+    output_tokens = args.output_tokens or (8 if args.smoke else 32)
+    rounds_n = args.rounds or (1 if args.smoke else 3)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
-    report: dict = {"benchmark": "router", "decision": decision_times(args.iterations), "throughput": {},
-                    "targets": {"decision_p99_us": 1000, "throughput_ratio": 0.95}}
+    app_args, runtime_env, model = bench_app(args.smoke)
+    report: dict = {"benchmark": "router_bench", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
+                    "settings": {"model": model, "output_tokens": output_tokens, "rounds": rounds_n,
+                                 "iterations": iterations, "smoke": args.smoke},
+                    "decision": decision_times(iterations), "throughput": {}, "goals": GOALS}
     if not args.skip_serving:
-        application = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
-        app_args = copy.deepcopy(application["args"]) | {"embedders": [], "ocr": None, "knowledge": None}
-        model = app_args["llms"][0]["name"]
-        prompt = " ".join(PROMPT_WORDS[:100])
-        with tempfile.TemporaryDirectory() as tmp:
-            router = yaml.safe_load((ROOT / "configs" / "router.yaml").read_text())
-            router["keys"]["ledger_path"] = str(Path(tmp) / "ledger.sqlite")
-            app_args["router"]["config"] = router
-            with Ours(app_args, application.get("runtime_env")) as ours:
-                wait_ready(ours.base_url, model)
-                for m in (model, "auto"):  # warm-up
-                    asyncio.run(run_level(ours.base_url, m, prompt, 4, 1, 8))
-                for c in args.concurrency:
-                    rounds: dict[str, list] = {model: [], "auto": []}
-                    for r in range(args.rounds):
-                        for m in ((model, "auto") if r % 2 == 0 else ("auto", model)):
-                            level = asyncio.run(run_level(ours.base_url, m, prompt, c, args.requests_per_client,
-                                                          args.output_tokens))
-                            rounds[m].append(level)
-                            print(f"c={c} round {r + 1} {m:22s} {level.tokens_per_s:7.1f} tok/s  "
-                                  f"TTFT p50 {level.ttft_p50_ms:.0f} ms  errors {level.errors}", flush=True)
-                    direct = statistics.median(x.tokens_per_s for x in rounds[model])
-                    routed = statistics.median(x.tokens_per_s for x in rounds["auto"])
-                    report["throughput"][str(c)] = {
-                        "direct_tokens_per_s": round(direct, 1), "routed_tokens_per_s": round(routed, 1),
-                        "ratio": round(routed / direct, 3),
-                        "direct_ttft_p50_ms": statistics.median(x.ttft_p50_ms for x in rounds[model]),
-                        "routed_ttft_p50_ms": statistics.median(x.ttft_p50_ms for x in rounds["auto"]),
-                        "errors": sum(x.errors for x in rounds[model] + rounds["auto"])}
-        report |= {"model": model, "output_tokens": args.output_tokens, "rounds": args.rounds}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "router_bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    if report["throughput"]:
-        plot(report, out / "router_bench.png")
+        with OnServe(app_args, "router_bench", runtime_env, port=args.port) as ours:
+            for m in (model, "auto"):
+                wait_ready(ours.base_url, m)
+                asyncio.run(run_level(ours.base_url, m, PROMPT, 4, 1, 8))  # warm-up
+            for c in concurrency:
+                rounds: dict[str, list] = {model: [], "auto": []}
+                for r in range(rounds_n):
+                    for m in ((model, "auto") if r % 2 == 0 else ("auto", model)):
+                        level = asyncio.run(run_level(ours.base_url, m, PROMPT, c, per_client, output_tokens))
+                        rounds[m].append(level)
+                        print(f"c={c} round {r + 1} {m:22s} {level.tokens_per_s:7.1f} tok/s  "
+                              f"TTFT p50 {level.ttft_p50_ms:.0f} ms  errors {level.errors}", flush=True)
+                direct = statistics.median(x.tokens_per_s for x in rounds[model])
+                routed = statistics.median(x.tokens_per_s for x in rounds["auto"])
+                report["throughput"][str(c)] = {
+                    "direct_tokens_per_s": round(direct, 1), "routed_tokens_per_s": round(routed, 1),
+                    "ratio": round(routed / direct, 3) if direct else None,
+                    "direct_ttft_p50_ms": statistics.median(x.ttft_p50_ms for x in rounds[model]),
+                    "routed_ttft_p50_ms": statistics.median(x.ttft_p50_ms for x in rounds["auto"]),
+                    "errors": sum(x.errors for x in rounds[model] + rounds["auto"]),
+                    "per_round": {m: [x.tokens_per_s for x in v] for m, v in rounds.items()}}
     print(f"decision: p50 {report['decision']['all']['p50_us']} us, p99 {report['decision']['all']['p99_us']} us")
     for c, t in report["throughput"].items():
         print(f"c={c}: direct {t['direct_tokens_per_s']} tok/s, routed {t['routed_tokens_per_s']} tok/s "
-              f"({t['ratio']:.3f}x), TTFT p50 {t['direct_ttft_p50_ms']:.0f} -> {t['routed_ttft_p50_ms']:.0f} ms")
+              f"({t['ratio']}x), TTFT p50 {t['direct_ttft_p50_ms']:.0f} -> {t['routed_ttft_p50_ms']:.0f} ms")
+    write_results("router_bench" + ("_smoke" if args.smoke else ""), report, Path(args.out),
+                  plot if report["throughput"] else None)
+    return report
 
 
 if __name__ == "__main__":

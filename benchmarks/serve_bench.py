@@ -3,12 +3,19 @@
 
 Concurrent streaming chat clients send a fixed prompt and read a fixed number of output tokens
 (``ignore_eos``). Reported per concurrency level: output tokens/s, time to first token (TTFT) p50/p99,
-inter-token latency (ITL, gaps between streamed tokens) p50/p99, and the ratios ours/raw.
+inter-token latency (ITL, gaps between streamed tokens) p50/p99, and each target's ratios to raw.
 
-    python benchmarks/serve_bench.py                      # 1, 8 and 32 clients, both targets
-    python benchmarks/serve_bench.py --concurrency 1 8 --requests-per-client 2 --targets ours
+Targets: ``ours`` (the shipped app's LLM path), ``raw`` (``vllm serve``), ``serve-llm`` (Ray Serve LLM's
+own OpenAI app on the same ``LLMConfig``, no gateway of ours: with ``--ray-env
+RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1`` its LLMServer is the HTTP ingress,
+Ray's "direct streaming"). ``--stream-batching-ms`` sets ``stream_batching_interval_ms`` on ``ours``.
 
-Writes benchmarks/results/serve_bench.json and serve_bench.png.
+    python benchmarks/serve_bench.py                      # SmolLM2, 1, 8 and 32 clients, ours and raw
+    python benchmarks/serve_bench.py --concurrency 8 32 --targets ours serve-llm raw --tag direct \
+        --ray-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1
+    python benchmarks/serve_bench.py --smoke --port PORT  # tiny model, seconds, on a running cluster (tests)
+
+Writes benchmarks/results/serve_bench.json and serve_bench.png (``_smoke``, ``_<tag>``).
 """
 
 from __future__ import annotations
@@ -17,204 +24,56 @@ import argparse
 import asyncio
 import contextlib
 import copy
-import json
 import os
-import platform
-import socket
-import statistics
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PROMPT_WORDS = ("Ray Serve routes each request to a replica of the model. " * 40).split()
+from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.load import (  # noqa: E402
+    PROMPT,
+    LevelResult,
+    OnServe,
+    RawVLLM,
+    count_prompt_tokens,
+    median_level,
+    run_level,
+    wait_ready,
+)
+
+LABELS = {"ours": "ray_app gateway", "raw": "vllm serve", "serve-llm": "Ray Serve LLM app"}
+STYLES = {"ours": ("o-", "tab:blue"), "raw": ("s--", "tab:orange"), "serve-llm": ("^-.", "tab:green")}
 
 
-@dataclass
-class RequestResult:
-    ttft_s: float
-    itls_s: list[float]
-    output_tokens: int
-    seconds: float
+class ServeLLMApp:
+    """Ray Serve LLM's own OpenAI app (``build_openai_app``) on the same LLMConfig as ours."""
 
+    def __init__(self, llm, model_path: str, port: int | None):
+        self.llm, self.model_path, self.port = llm, model_path, port
 
-@dataclass
-class LevelResult:
-    concurrency: int
-    requests: int
-    wall_s: float
-    output_tokens: int
-    tokens_per_s: float
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    itl_p50_ms: float
-    itl_p99_ms: float
-    errors: int = 0
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/serve-llm"
 
+    def __enter__(self) -> ServeLLMApp:
+        from ray import serve
+        from ray.serve.llm import build_openai_app
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+        from ray_app.serve.llm import to_llm_config
 
-
-def count_prompt_tokens(tokenizer, prompt: str) -> int:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str, output_tokens: int) -> RequestResult:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": output_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    token_times: list[float] = []
-    usage_tokens = 0
-    async with http.stream("POST", url, json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            now = time.perf_counter()
-            chunk = json.loads(line[6:])
-            if chunk.get("usage") and not chunk.get("choices"):
-                usage_tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                token_times.append(now)
-    end = time.perf_counter()
-    itls = [b - a for a, b in zip(token_times, token_times[1:])]
-    return RequestResult(token_times[0] - start, itls, usage_tokens, end - start)
-
-
-async def run_level(base_url: str, model: str, prompt: str, concurrency: int, requests_per_client: int,
-                    output_tokens: int) -> LevelResult:
-    url = base_url + "/v1/chat/completions"
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as http:
-        results: list[RequestResult] = []
-        errors = 0
-
-        async def client() -> None:
-            nonlocal errors
-            for _ in range(requests_per_client):
-                try:
-                    results.append(await one_request(http, url, model, prompt, output_tokens))
-                except (httpx.HTTPError, KeyError, IndexError):
-                    errors += 1
-
-        start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    ttfts = [r.ttft_s * 1000 for r in results]
-    itls = [x * 1000 for r in results for x in r.itls_s]
-    tokens = sum(r.output_tokens for r in results)
-    return LevelResult(
-        concurrency=concurrency, requests=len(results), wall_s=round(wall, 2), output_tokens=tokens,
-        tokens_per_s=round(tokens / wall, 2),
-        ttft_p50_ms=round(percentile(ttfts, 50), 1), ttft_p99_ms=round(percentile(ttfts, 99), 1),
-        itl_p50_ms=round(percentile(itls, 50), 1), itl_p99_ms=round(percentile(itls, 99), 1),
-        errors=errors,
-    )
-
-
-def median_level(concurrency: int, results: list[LevelResult]) -> dict:
-    """The median of each figure over the rounds, with every round kept for the record."""
-    keys = ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "wall_s")
-    level = {"concurrency": concurrency, "rounds": len(results),
-             "requests": sum(r.requests for r in results), "errors": sum(r.errors for r in results),
-             "output_tokens": sum(r.output_tokens for r in results)}
-    level |= {k: round(statistics.median(getattr(r, k) for r in results), 1) for k in keys}
-    level["tokens_per_s_range"] = [min(r.tokens_per_s for r in results), max(r.tokens_per_s for r in results)]
-    level["per_round"] = [{k: getattr(r, k) for k in keys} for r in results]
-    return level
-
-
-def wait_ready(base_url: str, model: str, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.post(base_url + "/v1/chat/completions", timeout=120, json={
-                "model": model, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 4})
-            if r.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"{base_url} not ready after {timeout_s}s")
-
-
-class RawVLLM:
-    """``vllm serve`` (vLLM's OpenAI api_server) on the same model with the same engine settings."""
-
-    def __init__(self, model_name: str, model_path: str, llm: dict):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        kwargs = llm.get("engine_kwargs", {})
-        self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-                    "--served-model-name", model_name, "--host", "127.0.0.1", "--port", str(self.port),
-                    "--dtype", kwargs.get("dtype", "float32"), "--max-model-len", str(kwargs.get("max_model_len", 2048)),
-                    "--disable-uvicorn-access-log"]
-        if kwargs.get("enforce_eager"):
-            self.cmd.append("--enforce-eager")
-        self.env = os.environ | {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(llm.get("cpu_kv_cache_gib", 2)),
-                                 "HF_HUB_OFFLINE": "1"}
-
-    def __enter__(self) -> "RawVLLM":
-        self.log = open(ROOT / "benchmarks" / "results" / "vllm_serve.log", "w")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        serve.run(build_openai_app({"llm_configs": [to_llm_config(self.llm, self.model_path)]}), name="serve-llm",
+                  route_prefix="/serve-llm")
         return self
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
-class Ours:
-    """The shipped serve_config.yaml application on a local Ray cluster."""
-
-    def __init__(self, args: dict, runtime_env: dict):
-        self.args, self.runtime_env = args, runtime_env
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "Ours":
-        import ray
         from ray import serve
 
-        from ray_app.serve.app import build_app
-
-        ray.init(num_cpus=4, include_dashboard=False, runtime_env=self.runtime_env, logging_level="ERROR",
-                 log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
-        serve.run(build_app(self.args), name="ray_app", route_prefix="/")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete("serve-llm")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -224,19 +83,19 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for target, style, color in (("ours", "o-", "tab:blue"), ("raw", "s--", "tab:orange")):
-        levels = report["results"].get(target)
-        if not levels:
-            continue
+    for target, levels in report["results"].items():
+        style, color = STYLES[target]
         xs = [lv["concurrency"] for lv in levels]
-        label = "ray_app gateway" if target == "ours" else "vllm serve"
         tps = [lv["tokens_per_s"] for lv in levels]
-        spread = [[t - lv["tokens_per_s_range"][0] for t, lv in zip(tps, levels)],
-                  [lv["tokens_per_s_range"][1] - t for t, lv in zip(tps, levels)]]
-        axes[0].errorbar(xs, tps, yerr=spread, fmt=style, color=color, capsize=3, label=f"{label} (median, range)")
+        # the median need not lie inside [min, max] of rounded per-round figures: clip at 0
+        spread = [[max(0.0, t - lv["tokens_per_s_range"][0]) for t, lv in zip(tps, levels)],
+                  [max(0.0, lv["tokens_per_s_range"][1] - t) for t, lv in zip(tps, levels)]]
+        axes[0].errorbar(xs, tps, yerr=spread, fmt=style, color=color, capsize=3,
+                         label=f"{LABELS[target]} (median, range)")
         for ax, key in ((axes[1], "ttft"), (axes[2], "itl")):
-            ax.plot(xs, [lv[f"{key}_p50_ms"] for lv in levels], style, color=color, label=f"{label} p50")
-            ax.plot(xs, [lv[f"{key}_p99_ms"] for lv in levels], style, color=color, alpha=0.35, label=f"{label} p99")
+            ax.plot(xs, [lv[f"{key}_p50_ms"] for lv in levels], style, color=color, label=f"{LABELS[target]} p50")
+            ax.plot(xs, [lv[f"{key}_p99_ms"] for lv in levels], style, color=color, alpha=0.35,
+                    label=f"{LABELS[target]} p99")
     for ax, title, unit in zip(axes, ("output throughput", "time to first token", "inter-token latency"),
                                ("tokens/s", "ms", "ms")):
         ax.set_xscale("log", base=2)
@@ -252,24 +111,31 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "serve_config.yaml"), help="Serve config to benchmark")
     parser.add_argument("--model", default=None, help="LLM name in the config (default: its first LLM)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--smoke", action="store_true", help="the tiny model, 2 clients, 1 round: seconds (tests)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 8 32; smoke 2")
     parser.add_argument("--requests-per-client", type=int, default=None,
                         help="requests each client sends (default: 8 at 1 client, 4 at 8, 2 at 32)")
-    parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--targets", nargs="+", choices=["ours", "raw"], default=["raw", "ours"])
+    parser.add_argument("--output-tokens", type=int, default=None, help="default 64; smoke 8")
+    parser.add_argument("--targets", nargs="+", choices=list(LABELS), default=["raw", "ours"])
     parser.add_argument("--stream-batching-ms", type=float, default=None,
                         help="override the LLM's stream_batching_interval_ms for `ours`")
     parser.add_argument("--ray-env", nargs="*", default=["RAY_SERVE_THROUGHPUT_OPTIMIZED=1"], metavar="KEY=VALUE",
-                        help="environment for the Ray cluster behind `ours` (default: the README's serving mode)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (medians reported)")
-    parser.add_argument("--settle-s", type=float, default=15.0, help="idle time after warm-up, before measuring")
+                        help="environment for the Ray cluster this script starts (default: the README's serving mode)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="deploy on the Ray cluster this process is connected to, whose proxy listens here")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds, medians reported (default 3)")
+    parser.add_argument("--settle-s", type=float, default=None, help="idle time after warm-up (default 15; smoke 0)")
     parser.add_argument("--tag", default="", help="suffix for the result files")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    concurrency = args.concurrency or ([2] if args.smoke else [1, 8, 32])
+    output_tokens = args.output_tokens or (8 if args.smoke else 64)
+    rounds_n = args.rounds or (1 if args.smoke else 3)
+    settle_s = args.settle_s if args.settle_s is not None else (0.0 if args.smoke else 15.0)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
@@ -279,90 +145,81 @@ def main() -> None:
 
     application = yaml.safe_load(Path(args.config).read_text())["applications"][0]
     app_args = copy.deepcopy(application["args"])
+    if args.smoke:
+        from tests.e2e.conftest import TINY
+
+        app_args["llms"] = [copy.deepcopy(TINY)]
     config = AppConfig.load(app_args)
-    llm = next(m for m in config.llms if args.model in (None, m.name))
+    llm = next(m for m in config.llms if (args.model or config.llms[0].name) == m.name)
     app_args["llms"] = [m for m in app_args["llms"] if m["name"] == llm.name]
-    app_args["embedders"] = []  # the benchmark measures the LLM path only
+    # the benchmark measures the LLM path only
+    app_args |= {"embedders": [], "ocr": None, "knowledge": None, "fine_tuning": None, "router": None}
     if args.stream_batching_ms is not None:
         app_args["llms"][0]["stream_batching_interval_ms"] = args.stream_batching_ms
-    ray_env = dict(kv.split("=", 1) for kv in args.ray_env)
-    os.environ.update(ray_env)  # inherited by the local Ray cluster `ours` starts
+    ray_env = dict(kv.split("=", 1) for kv in args.ray_env or [])
+    os.environ.update(ray_env)  # inherited by the local Ray cluster this script starts
     model_path = resolve_sources(config)[llm.name]
-
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompt = " ".join(PROMPT_WORDS[:100])
-    prompt_tokens = count_prompt_tokens(tokenizer, prompt)
     per_client = {1: 8, 8: 4, 32: 2}
-
     report = {
-        "benchmark": "serve_bench",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": {"cpu": platform.processor() or _cpu_name(), "cores": os.cpu_count(), "gpu": None},
-        "settings": {"model": llm.name, "engine_kwargs": llm.engine_kwargs, "prompt_tokens": prompt_tokens,
-                     "output_tokens": args.output_tokens,
+        "benchmark": "serve_bench", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
+        "settings": {"model": llm.name, "engine_kwargs": llm.engine_kwargs,
+                     "prompt_tokens": count_prompt_tokens(tokenizer, PROMPT), "output_tokens": output_tokens,
                      "stream_batching_interval_ms": app_args["llms"][0].get("stream_batching_interval_ms"),
-                     "ray_env": ray_env},
+                     "ray_env": ray_env, "rounds": rounds_n, "smoke": args.smoke},
         "results": {},
     }
-    # Both servers stay up and the rounds alternate between them, so slow drift of this shared
-    # machine hits both alike; each figure is the median over the rounds (idle, the other server
-    # costs a few percent of a core: Ray's control loops, vLLM's idle engine).
+    # Every server stays up and the rounds alternate between them, so slow drift of this shared
+    # machine hits all alike; each figure is the median over the rounds (idle, the other servers
+    # cost a few percent of a core: Ray's control loops, vLLM's idle engine).
     with contextlib.ExitStack() as stack:
         runners = {}
+        ours = stack.enter_context(OnServe(app_args, "serve_bench", application.get("runtime_env"), port=args.port))
         for target in args.targets:
-            runner = (RawVLLM(llm.name, model_path, next(m for m in application["args"]["llms"]
-                                                         if m["name"] == llm.name))
-                      if target == "raw" else Ours(app_args, application.get("runtime_env")))
-            print(f"== {target}: starting ({'vllm serve' if target == 'raw' else 'ray_app on Ray Serve'})", flush=True)
-            runners[target] = stack.enter_context(runner)
-            wait_ready(runner.base_url, llm.name)
+            print(f"== {target}: starting ({LABELS[target]})", flush=True)
+            if target == "raw":
+                raw_llm = next(m for m in app_args["llms"] if m["name"] == llm.name)
+                runners[target] = stack.enter_context(RawVLLM(llm.name, model_path, raw_llm,
+                                                              Path(args.out) / "vllm_serve.log"))
+            elif target == "serve-llm":
+                runners[target] = stack.enter_context(ServeLLMApp(llm, model_path, ours.port))
+            else:
+                runners[target] = ours
+            wait_ready(runners[target].base_url, llm.name)
         for target, runner in runners.items():
             # warm up at the highest concurrency before anything is measured
-            asyncio.run(run_level(runner.base_url, llm.name, prompt, max(args.concurrency), 1, 8))
+            asyncio.run(run_level(runner.base_url, llm.name, PROMPT, max(concurrency), 1, 8))
         # let one-off start-up work (Ray's idle worker pool, ray.serve.llm's telemetry actor) finish
-        time.sleep(args.settle_s)
-        rounds: dict[str, dict[int, list[LevelResult]]] = {t: {c: [] for c in args.concurrency} for t in runners}
-        for r in range(args.rounds):
-            for c in args.concurrency:
+        time.sleep(settle_s)
+        rounds: dict[str, dict[int, list[LevelResult]]] = {t: {c: [] for c in concurrency} for t in runners}
+        for r in range(rounds_n):
+            for c in concurrency:
                 order = list(runners) if r % 2 == 0 else list(reversed(runners))
                 for target in order:
-                    n = args.requests_per_client or per_client.get(c, 1)
-                    result = asyncio.run(run_level(runners[target].base_url, llm.name, prompt, c, n, args.output_tokens))
+                    n = args.requests_per_client or (2 if args.smoke else per_client.get(c, 1))
+                    result = asyncio.run(run_level(runners[target].base_url, llm.name, PROMPT, c, n, output_tokens))
                     rounds[target][c].append(result)
-                    print(f"   round {r + 1} {target:4s} c={c:3d}: {result.tokens_per_s:7.1f} tok/s  "
+                    print(f"   round {r + 1} {target:9s} c={c:3d}: {result.tokens_per_s:7.1f} tok/s  "
                           f"TTFT p50 {result.ttft_p50_ms:7.1f} p99 {result.ttft_p99_ms:7.1f} ms  "
                           f"ITL p50 {result.itl_p50_ms:6.1f} p99 {result.itl_p99_ms:6.1f} ms  "
                           f"({result.requests} requests, {result.errors} errors)", flush=True)
     for target, by_level in rounds.items():
         report["results"][target] = [median_level(c, results) for c, results in by_level.items()]
 
-    if {"ours", "raw"} <= set(report["results"]):
-        report["ours_vs_raw"] = [
-            {"concurrency": o["concurrency"],
-             "throughput_ratio": round(o["tokens_per_s"] / r["tokens_per_s"], 3),
-             "ttft_p50_added_ms": round(o["ttft_p50_ms"] - r["ttft_p50_ms"], 1),
-             "ttft_p99_added_ms": round(o["ttft_p99_ms"] - r["ttft_p99_ms"], 1)}
-            for o, r in zip(report["results"]["ours"], report["results"]["raw"])]
-        for row in report["ours_vs_raw"]:
-            print(f"   median ours/raw c={row['concurrency']:3d}: throughput x{row['throughput_ratio']:.3f}, "
-                  f"TTFT p50 {row['ttft_p50_added_ms']:+.1f} ms, p99 {row['ttft_p99_added_ms']:+.1f} ms")
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "serve_bench" + (f"_{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, out / f"{stem}.png")
-    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    if "raw" in report["results"]:
+        report["vs_raw"] = {
+            target: [{"concurrency": o["concurrency"], "throughput_ratio": round(o["tokens_per_s"] / r["tokens_per_s"], 3),
+                      "ttft_p50_added_ms": round(o["ttft_p50_ms"] - r["ttft_p50_ms"], 1),
+                      "ttft_p99_added_ms": round(o["ttft_p99_ms"] - r["ttft_p99_ms"], 1)}
+                     for o, r in zip(levels, report["results"]["raw"])]
+            for target, levels in report["results"].items() if target != "raw"}
+        for target, rows in report["vs_raw"].items():
+            for row in rows:
+                print(f"   median {target}/raw c={row['concurrency']:3d}: throughput x{row['throughput_ratio']:.3f}, "
+                      f"TTFT p50 {row['ttft_p50_added_ms']:+.1f} ms, p99 {row['ttft_p99_added_ms']:+.1f} ms")
+    stem = "serve_bench" + ("_smoke" if args.smoke else "") + (f"_{args.tag}" if args.tag else "")
+    write_results(stem, report, Path(args.out), plot)
+    return report
 
 
 if __name__ == "__main__":

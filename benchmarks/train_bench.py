@@ -9,6 +9,7 @@ reported alongside.
 
     python benchmarks/train_bench.py                          # SmolLM2-135M, LoRA, seq 128, batch 4
     python benchmarks/train_bench.py --model tiny-llama --steps 20
+    python benchmarks/train_bench.py --smoke            # tiny model, 2 timed steps: seconds (tests)
 
 Writes benchmarks/results/train_bench.json and train_bench.png.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, write_results  # noqa: E402
 
 
 def plain_loop(model_path: str, rows: list[dict], batch: int, steps: int, warmup: int, threads: int, lr: float) -> dict:
@@ -89,22 +91,26 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--seq-len", type=int, default=128)
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 timed steps, seq 64 (tests)")
+    parser.add_argument("--model", default=None, help="default smollm2-135m-instruct; smoke tiny-llama")
+    parser.add_argument("--seq-len", type=int, default=None, help="default 128; smoke 64")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps (after warm-up)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps after warm-up (default 8; smoke 2)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.model = args.model or ("tiny-llama" if args.smoke else "smollm2-135m-instruct")
+    args.seq_len = args.seq_len or (64 if args.smoke else 128)
+    args.steps = args.steps or (2 if args.smoke else 8)
 
+    from ray_app.cluster import init_ray
     from ray_app.models.resolve import resolve_source
     from ray_app.paths import DataDir
     from ray_app.training.data import pack, prepare
-    from ray_app.training.finetune import init_ray, load_tokenizer
+    from ray_app.training.finetune import load_tokenizer
 
     paths = DataDir.from_path(args.data_dir)
     model_path = resolve_source(args.model, paths)
@@ -127,7 +133,8 @@ def main() -> None:
         base = {"base_model": args.model, "data.train": str(data_file), "data.validation_fraction": 0.0,
                 "data.max_seq_len": args.seq_len, "data.packing": True, "optim.batch_size": args.batch,
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.05}, "optim.learning_rate": 2e-4,
-                "data_dir": str(data_dir), "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+                "data_dir": str(data_dir), "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+                "scaling.nice": 0}  # the plain loop runs at the normal priority too
         init_ray()
         # every 2-step window kept (Train's metrics history holds the retained checkpoints' reports)
         windows = {"optim.max_steps": 2 + args.steps, "checkpoint.every_steps": 2, "checkpoint.keep": 100}
@@ -137,22 +144,20 @@ def main() -> None:
         # DDP: each worker takes `batch` rows per step, so a step trains twice the tokens
         two = ray_train(ROOT / "configs/train/lora_tiny.yaml", base | windows | {
             "scaling.num_workers": 2, "scaling.torch_threads": max(1, args.threads // 2),
-            "optim.max_steps": 2 + args.steps // 2})
+            "optim.max_steps": 2 + max(2, args.steps // 2)})
         print("ray 2 workers:", json.dumps(two), file=sys.stderr)
 
-    report = {"benchmark": "train", "model": args.model, "method": "lora r=8 (q,k,v,o)", "seq_len": args.seq_len,
+    report = {"benchmark": "train_bench", "smoke": args.smoke, "model": args.model, "method": "lora r=8 (q,k,v,o)", "seq_len": args.seq_len,
               "batch": args.batch, "threads": args.threads, "timed_steps": args.steps,
               "plain": plain, "ray_1_worker": one, "ray_2_workers": two,
               "ratio_ray_1_worker_vs_plain": round(one["tokens_per_s"] / plain["tokens_per_s"], 3),
               "ratio_ray_2_workers_vs_plain": round(two["tokens_per_s"] / plain["tokens_per_s"], 3),
-              "target": 0.9, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, out / "train_bench.png")
+              "target": 0.9, "machine": machine()}
+    write_results("train_bench" + ("_smoke" if args.smoke else ""), report, Path(args.out), plot)
     print(f"plain {plain['tokens_per_s']} tok/s | Ray Train 1 worker {one['tokens_per_s']} tok/s "
           f"({report['ratio_ray_1_worker_vs_plain']}x) | 2 workers {two['tokens_per_s']} tok/s "
           f"({report['ratio_ray_2_workers_vs_plain']}x)")
+    return report
 
 
 if __name__ == "__main__":
