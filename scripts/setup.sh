@@ -12,6 +12,8 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS:-cpu,test}
 APT_PACKAGES=(tesseract-ocr tesseract-ocr-eng)
+# the console's browser tests drive Debian's Chromium (Playwright's own browser download needs the internet)
+[[ ",$EXTRAS," == *,test,* ]] && APT_PACKAGES+=(chromium)
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 

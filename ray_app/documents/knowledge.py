@@ -34,6 +34,7 @@ class AsyncStore(Protocol):
     async def collection_names(self) -> list[str]: ...
     async def collection(self, name: str) -> Any: ...
     async def document(self, name: str, doc_id: str) -> dict | None: ...
+    async def documents(self, name: str) -> dict[str, dict]: ...
     async def replace_document(self, name: str, doc_id: str, records: list) -> None: ...
     async def set_sensitivity(self, name: str, doc_id: str, sensitivity: str) -> int: ...
     async def prune(self, name: str, doc_id: str, doc_hash: str) -> None: ...
@@ -153,6 +154,23 @@ class KnowledgeBase:
     async def delete_document(self, collection: str, doc_id: str) -> int:
         await self._check_collection(collection)
         return await self.store.delete_document(collection, doc_id)
+
+    async def documents(self, collection: str, limit: int = 100, after: str | None = None) -> dict[str, Any]:
+        """One page of the collection's documents (completely written ones), by source then id; ``after``
+        is the last ``doc_id`` of the page before."""
+        await self._check_collection(collection)
+        listed = sorted(((p.get("source") or "", doc_id, p) for doc_id, p in
+                         (await self.store.documents(collection)).items()), key=lambda t: t[:2])
+        if after is not None:
+            position = next((i for i, (_, doc_id, _) in enumerate(listed) if doc_id == after), None)
+            if position is None:
+                raise ValueError(f"after: no document {after!r} in collection {collection!r}")
+            listed = listed[position + 1:]
+        page = [{"object": "document", "doc_id": doc_id, "source": source, "title": p.get("title"),
+                 "path": p.get("path"), "sensitivity": p.get("sensitivity"), "chunks": p.get("chunk_count"),
+                 "ingested_at": p.get("ingested_at")} for source, doc_id, p in listed[:limit]]
+        return {"object": "list", "data": page, "has_more": len(listed) > limit,
+                "last_id": page[-1]["doc_id"] if page else None}
 
     async def ingest_file(self, collection: str, filename: str, data: bytes,
                           sensitivity: Sensitivity | None = None) -> FileOutcome:

@@ -83,6 +83,9 @@ class GatewayConfig(Strict):
         60.0, description="Deadline of a call to the embedder or the knowledge base (retrieval, listings); 504 after.")
     upload_timeout_s: PositiveFloat = Field(
         900.0, description="Deadline of an upload's indexing and of an OCR request; 504 after.")
+    console: bool = Field(True, description="Serve the web console at /ui (static files; the API's keys apply).")
+    dashboard_url: str | None = Field(
+        None, description="The Ray dashboard the console links to; default: port 8265 of the host serving the console.")
     replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.25))
 
 

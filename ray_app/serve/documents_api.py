@@ -35,6 +35,7 @@ class KnowledgeBackend(Protocol):
                                 embedder: str | None) -> dict[str, Any]: ...
     async def drop_collection(self, name: str) -> None: ...
     async def delete_document(self, collection: str, doc_id: str) -> int: ...
+    async def documents(self, collection: str, limit: int, after: str | None) -> dict[str, Any]: ...
 
 
 class OCRBackend(Protocol):
@@ -117,6 +118,11 @@ class DocumentsService:
         caller.require_admin("deleting a collection")
         await self._call("Knowledge", self._knowledge().drop_collection(name))
         return {"object": "collection.deleted", "id": name, "deleted": True}
+
+    async def documents(self, collection: str, caller: Caller = OPEN_ANONYMOUS, limit: int = 100,
+                        after: str | None = None) -> dict[str, Any]:
+        caller.require_read(collection)
+        return await self._call("Knowledge", self._knowledge().documents(collection, limit, after))
 
     async def delete_document(self, collection: str, doc_id: str, caller: Caller = OPEN_ANONYMOUS) -> dict[str, Any]:
         caller.require_admin("deleting a document")

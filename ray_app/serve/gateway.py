@@ -102,6 +102,9 @@ class HandleKnowledge:
     async def delete_document(self, collection, doc_id):
         return await self._call("delete_document", collection, doc_id)
 
+    async def documents(self, collection, limit, after):
+        return await self._call("documents", collection, limit, after)
+
 
 class HandleCloud:
     """A ``CloudBackend`` over the Router deployment."""
@@ -221,12 +224,17 @@ class Gateway:
             report.targets = self.router.health_report()
         return report
 
+    def _adapter_registries(self) -> list:
+        """One opener per distinct registry the served adapters come from (opened on first use)."""
+        catalogs = {c.registry_uri: c for c in self.service.adapters.values()}
+        return [lambda c=c: c.registry for c in catalogs.values()]
+
     async def system_status(self) -> dict:
         async def models() -> list[dict]:
             return [card.model_dump() for card in (await self.service.list_models()).data]
 
         queues = {name: h.num_unfinished_requests.remote for name, h in self._llm_handles.items()}
-        return await system_status(models, queues)
+        return await system_status(models, queues) | {"dashboard_url": self.config.gateway.dashboard_url}
 
     async def _learn_cloud_targets(self) -> None:
         # Which cloud targets have credentials is known in the Router replica (its environment); until
@@ -247,4 +255,5 @@ class Gateway:
         if self.fine_tuning is not None:
             self._tasks.append(loop.create_task(self._move_fine_tuning_jobs()))
         return build_api(self.service, self.config.gateway, self.health, self._route_limits, self.system_status,
-                         auth=self.auth, ledger=self.ledger, fine_tuning=self.fine_tuning)
+                         auth=self.auth, ledger=self.ledger, fine_tuning=self.fine_tuning,
+                         adapter_registries=self._adapter_registries())

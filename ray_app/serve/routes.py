@@ -14,7 +14,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Annotated, AsyncIterator, Awaitable, Callable
 
-from fastapi import Depends, FastAPI, File, Form, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import Field
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -72,9 +72,11 @@ def _respond(result: dict | AsyncIterator[str] | WithHeaders) -> Response:
 def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[], Awaitable[HealthReport]],
               route_limits: dict[str, int] | None = None,
               system_status: Callable[[], Awaitable[dict]] | None = None, auth: Auth | None = None,
-              ledger: Ledger | None = None, fine_tuning: FineTuningService | None = None) -> FastAPI:
+              ledger: Ledger | None = None, fine_tuning: FineTuningService | None = None,
+              adapter_registries: list | None = None) -> FastAPI:
     """The app; ``route_limits`` gives path prefixes (uploads, OCR) body limits of their own; ``auth``
-    admits callers (none: everyone is the open anonymous caller); ``ledger`` serves ``/v1/usage``."""
+    admits callers (none: everyone is the open anonymous caller); ``ledger`` serves ``/v1/usage``;
+    ``adapter_registries`` (the served models' adapter registries) serve ``/v1/adapters``."""
     app = FastAPI(title="ray_app", description="OpenAI-compatible API over Ray Serve", version="1")
     install_error_handlers(app)
     # add_middleware puts each one outside the ones added before it
@@ -89,6 +91,14 @@ def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[]
         from ray_app.serve.fine_tuning_routes import fine_tuning_router
 
         app.include_router(fine_tuning_router(fine_tuning))
+    if adapter_registries:
+        from ray_app.serve.adapters_routes import adapters_router
+
+        app.include_router(adapters_router(adapter_registries))
+    if config.console:
+        from ray_app.console import mount_console
+
+        mount_console(app, "/ui")
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
@@ -136,6 +146,11 @@ def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[]
                      sensitivity: Sensitivity | None = Form(None)) -> JSONResponse:
         result = await documents.upload(collection, file.filename or "upload", await file.read(), sensitivity, caller)
         return JSONResponse(result, status_code=201 if result["status"] == "indexed" else 200)
+
+    @app.get("/v1/collections/{collection}/documents")
+    async def documents_list(collection: str, caller: CallerDep, limit: int = Query(100, ge=1, le=1000),
+                             after: str | None = Query(None, max_length=128)) -> JSONResponse:
+        return JSONResponse(await documents.documents(collection, caller, limit, after))
 
     @app.delete("/v1/collections/{collection}/documents/{doc_id}")
     async def delete_document(collection: str, doc_id: str, caller: CallerDep) -> JSONResponse:

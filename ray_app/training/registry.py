@@ -17,7 +17,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -175,7 +175,12 @@ class AdapterRegistry:
         return self.get(name, at)
 
     def versions(self, name: str) -> list[AdapterVersion]:
-        return sorted((self._to_version(mv) for mv in self.client.search_model_versions(f"name='{name}'")),
+        """Every version of a line, with its aliases (which the version search does not return)."""
+        held: dict[int, list[str]] = {}
+        for alias, version in (self.client.get_registered_model(name).aliases or {}).items():
+            held.setdefault(int(version), []).append(alias)
+        versions = (self._to_version(mv) for mv in self.client.search_model_versions(f"name='{name}'"))
+        return sorted((replace(v, aliases=tuple(sorted(held.get(v.version, ())))) for v in versions),
                       key=lambda v: v.version)
 
     def champions(self) -> list[AdapterVersion]:
@@ -185,6 +190,10 @@ class AdapterRegistry:
             if CHAMPION in (model.aliases or {}):
                 out.append(self.get(model.name))
         return out
+
+    def lines(self) -> list[str]:
+        """Every adapter line's name, champion or not."""
+        return sorted(model.name for model in self.client.search_registered_models())
 
     def download(self, version: AdapterVersion, destination: Path) -> Path:
         import mlflow.artifacts

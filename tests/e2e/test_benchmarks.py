@@ -102,3 +102,13 @@ def test_train_bench_smoke(ray_cluster, tmp_path):
     assert report["plain"]["tokens_per_s"] > 0 and report["ray_1_worker"]["tokens_per_s"] > 0
     assert report["ray_2_workers"]["workers"] == 2
 
+
+def test_console_bench_smoke(served, tmp_path):
+    from benchmarks import console_bench
+
+    report = _written(tmp_path, "console_bench_smoke", console_bench.main(
+        ["--smoke", "--base-url", served.base_url, "--model", "tiny-llama", "--out", str(tmp_path)]))
+    assert report["load"]["fcp_ms_p50"] > 0 and report["ttft"]["console_vs_client"] > 0
+    assert len(report["screenshots"]) == 6
+    assert all((tmp_path / shot).stat().st_size > 5_000 for shot in report["screenshots"])
+

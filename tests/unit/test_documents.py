@@ -350,3 +350,21 @@ async def test_collections_are_created_with_a_default_label_and_dropped(knowledg
     await knowledge.drop_collection("hr")
     with pytest.raises(CollectionNotFound, match="POST /v1/collections"):
         await knowledge.ingest_file("hr", "pay.md", b"x")
+
+
+async def test_documents_are_listed_a_page_at_a_time_with_their_labels(knowledge):
+    for i, name in enumerate(["c.md", "a.md", "b.md"]):
+        await knowledge.ingest_file("kb", name, f"# Doc {name}\n\nBody {i} about topic {name}.".encode(),
+                                    "confidential" if name == "b.md" else None)
+    first = await knowledge.documents("kb", limit=2)
+    assert [d["source"] for d in first["data"]] == ["upload://kb/a.md", "upload://kb/b.md"] and first["has_more"]
+    assert [d["sensitivity"] for d in first["data"]] == ["internal", "confidential"]
+    assert all(d["chunks"] >= 1 and d["ingested_at"] for d in first["data"])
+    rest = await knowledge.documents("kb", limit=2, after=first["last_id"])
+    assert [d["path"] for d in rest["data"]] == ["c.md"] and not rest["has_more"]
+    await knowledge.delete_document("kb", rest["data"][0]["doc_id"])
+    assert len((await knowledge.documents("kb"))["data"]) == 2
+    with pytest.raises(ValueError, match="after"):
+        await knowledge.documents("kb", after="no-such-doc")
+    with pytest.raises(CollectionNotFound):
+        await knowledge.documents("nope")

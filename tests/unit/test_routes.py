@@ -352,3 +352,20 @@ class _Hanging:
 
     def cancel(self):
         self.cancelled = True
+
+
+async def test_the_console_is_served_with_a_strict_content_security_policy(h: Harness):
+    redirect = await h.http.get("/ui")
+    assert redirect.status_code == 307 and redirect.headers["location"].endswith("/ui/")
+    page = await h.http.get("/ui/")
+    assert page.status_code == 200 and '<script type="module" src="app.mjs">' in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    script = await h.http.get("/ui/app.mjs")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert (await h.http.get("/ui/vendor/preact.mjs")).status_code == 200
+    assert (await h.http.get("/ui/%2e%2e/__init__.py")).status_code == 404
+    off = build_api(h.service, GatewayConfig(console=False), lambda: None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=off), base_url="http://test") as http:
+        assert (await http.get("/ui/")).status_code == 404
+

@@ -99,6 +99,10 @@ class RecordingKnowledge:
         self.calls.append(("delete", collection, doc_id))
         return 1
 
+    async def documents(self, collection, limit, after):
+        self.calls.append(("documents", collection, limit, after))
+        return {"object": "list", "data": [], "has_more": False, "last_id": None}
+
 
 @pytest.fixture
 def h(tmp_path) -> Harness:
@@ -240,6 +244,11 @@ async def test_scopes_decide_what_a_key_may_touch(tmp_path):
                          ("DELETE", "/v1/collections/docs")):
         assert (await h.http.request(method, path, headers=as_reader)).status_code == 403, path
         assert (await h.http.request(method, path, headers=as_admin)).status_code == 200, path
+    listing = "/v1/collections/{}/documents"
+    assert (await h.http.get(listing.format("docs"), params={"limit": 5}, headers=as_reader)).status_code == 200
+    assert h.documents.calls[-1] == ("documents", "docs", 5, None)
+    assert (await h.http.get(listing.format("hr"), headers=as_reader)).status_code == 403
+    assert (await h.http.get(listing.format("docs"), params={"limit": 0}, headers=as_reader)).status_code == 400
     created = await h.http.post("/v1/collections", json={"name": "new"}, headers=as_admin)
     assert created.status_code == 201
     listed = (await h.http.get("/v1/collections", headers=as_reader)).json()["data"]

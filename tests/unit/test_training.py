@@ -202,3 +202,45 @@ def test_adapter_catalog_resolves_pins_and_refuses(registry):
     reg.promote("support", other.version, force=True)
     with pytest.raises(AdapterBaseMismatchError):
         catalog.resolve("support")
+
+
+async def test_the_adapters_api_lists_promotes_and_rolls_back_for_admins_only(registry):
+    import httpx
+    from fastapi import FastAPI
+
+    from ray_app.accounting.config import AuthConfig
+    from ray_app.accounting.keys import KeyStore, Scopes
+    from ray_app.accounting.limits import RateWindows
+    from ray_app.serve.adapters_routes import adapters_router
+    from ray_app.serve.auth import Auth, KeyAuth
+    from ray_app.serve.errors import install_error_handlers
+
+    reg, experiment, tmp = registry
+    for folder, parity in (("a", "passed"), ("b", "passed"), ("c", "failed")):
+        _version(reg, experiment, tmp / folder, parity=parity)
+    keys = KeyStore(tmp / "ledger.sqlite")
+    admin, reader = keys.create("admin", scopes=Scopes(admin=True)), keys.create("reader")
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(adapters_router([lambda: reg]))
+    app.add_middleware(KeyAuth, auth=Auth(AuthConfig(mode="keys"), keys, RateWindows(100, 10**6)))
+    as_admin = {"authorization": f"Bearer {admin.secret}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                 headers=as_admin) as http:
+        as_reader = {"authorization": f"Bearer {reader.secret}"}
+        denied = await http.post("/v1/adapters/support/promote", json={"version": 1}, headers=as_reader)
+        assert denied.status_code == 403 and reg.versions("support")[0].aliases == ()
+        assert (await http.get("/v1/adapters", headers={"authorization": "Bearer nope"})).status_code == 401
+        (line,) = (await http.get("/v1/adapters", headers=as_reader)).json()["data"]
+        assert line["name"] == "support" and line["champion"] is None and len(line["versions"]) == 3
+        assert line["versions"][2]["tags"]["parity"] == "failed"
+        promoted = (await http.post("/v1/adapters/support/promote", json={"version": 2})).json()
+        assert promoted["champion"] == 2
+        refused = await http.post("/v1/adapters/support/promote", json={"version": 3})
+        assert refused.status_code == 409 and "parity" in refused.json()["error"]["message"]
+        assert (await http.post("/v1/adapters/support/promote", json={"version": 3, "force": True})).json()["champion"] == 3
+        assert (await http.post("/v1/adapters/support/rollback")).json()["champion"] == 2
+        missing = await http.post("/v1/adapters/nope/rollback")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "adapter_not_found"
+        assert (await http.post("/v1/adapters/support/promote", json={"version": 9})).status_code == 404
+    assert reg.resolve("support").version == 2
