@@ -165,6 +165,19 @@ class OpenAIServer(_LoopbackServer):
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
                  "total_tokens": prompt_tokens + len(words)}
         base = {"id": "chatcmpl-loopback", "created": int(time.time()), "model": model}
+        messages = body.get("messages") or [{}]
+        if body.get("tools") and body.get("tool_choice") != "none" and messages[-1].get("role") != "tool":
+            # the model calls the named tool (else the first) with "loopback" for each required argument
+            named = (body.get("tool_choice") or {}).get("function", {}).get("name") if isinstance(
+                body.get("tool_choice"), dict) else None
+            function = next(t["function"] for t in body["tools"] if named in (None, t["function"]["name"]))
+            arguments = json.dumps({k: "loopback" for k in function.get("parameters", {}).get("required", [])})
+            call = {"id": f"call_{len(messages)}", "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}}
+            if not body.get("stream"):
+                return JSONResponse({**base, "object": "chat.completion", "usage": usage, "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                     "finish_reason": "tool_calls"}]})
         if not body.get("stream"):
             return JSONResponse({**base, "object": "chat.completion", "usage": usage, "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": " ".join(words)}, "finish_reason": finish}]})
@@ -241,11 +254,28 @@ class BedrockServer(_LoopbackServer):
         words = words[:limit] if limit else words
         return words, stop, {"inputTokens": prompt, "outputTokens": len(words), "totalTokens": prompt + len(words)}
 
+    @staticmethod
+    def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
+        """With tools offered and no tool result to read yet, the model calls one: the named one, else
+        the first, with "loopback" for each required argument."""
+        config = body.get("toolConfig")
+        last = body.get("messages", [{}])[-1].get("content", [])
+        if not config or any("toolResult" in block for block in last):
+            return None
+        named = config.get("toolChoice", {}).get("tool", {}).get("name")
+        spec = next(t["toolSpec"] for t in config["tools"] if named in (None, t["toolSpec"]["name"]))
+        required = spec["inputSchema"]["json"].get("required", [])
+        return {"toolUseId": f"tooluse_{len(body['messages'])}", "name": spec["name"],
+                "input": {name: "loopback" for name in required}}
+
     async def _converse(self, model_id: str, request: Request) -> Response:
         body, fail = await self._record(request)
         if (refusal := self._refuse(request, fail)) is not None:
             return refusal
         words, stop, usage = self._answer(body)
+        if (call := self._tool_call(body)) is not None:
+            return JSONResponse({"output": {"message": {"role": "assistant", "content": [{"toolUse": call}]}},
+                                 "stopReason": "tool_use", "usage": usage}, headers={"x-amzn-requestid": "loopback-request"})
         return JSONResponse({"output": {"message": {"role": "assistant", "content": [{"text": " ".join(words)}]}},
                              "stopReason": stop, "usage": usage, "metrics": {"latencyMs": 1}},
                             headers={"x-amzn-requestid": "loopback-request"})
@@ -264,6 +294,16 @@ class BedrockServer(_LoopbackServer):
                                     ":message-type": "exception"}, json.dumps({"message": "slow down"}).encode())
                 return
             yield _event("messageStart", {"role": "assistant"})
+            if (call := self._tool_call(body)) is not None:
+                arguments = json.dumps(call["input"])
+                yield _event("contentBlockStart", {"contentBlockIndex": 0, "start": {"toolUse": {
+                    "toolUseId": call["toolUseId"], "name": call["name"]}}})
+                for part in (arguments[:len(arguments) // 2], arguments[len(arguments) // 2:]):
+                    yield _event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"toolUse": {"input": part}}})
+                yield _event("contentBlockStop", {"contentBlockIndex": 0})
+                yield _event("messageStop", {"stopReason": "tool_use"})
+                yield _event("metadata", {"usage": usage, "metrics": {"latencyMs": 1}})
+                return
             for i, word in enumerate(words):
                 yield _event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": word if i == 0 else " " + word}})
             yield _event("contentBlockStop", {"contentBlockIndex": 0})

@@ -20,7 +20,8 @@ __all__ = ["BreakerConfig", "Capability", "ConfigError", "PolicyConfig", "Privac
 
 TargetKind = Literal["local", "openai", "azure", "bedrock"]
 Privacy = Literal["local", "cloud"]
-Capability = Literal["code", "math", "summarize", "chat", "multilingual"]
+# "tools": the target takes `tools` / `tool_choice` (a local target's model needs `tools:` in its config)
+Capability = Literal["code", "math", "summarize", "chat", "multilingual", "tools"]
 
 # An env var *name*; anything else (e.g. a pasted "sk-..." key) is rejected so secrets never sit in YAML.
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")

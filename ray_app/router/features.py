@@ -66,6 +66,7 @@ class RequestFeatures:
     stream: bool = False
     n: int = 1  # choices asked for: completion tokens are up to n x max_tokens
     max_request_usd: float | None = None  # the caller's per-request cost ceiling
+    tools: bool = False  # the request offers tools the model may call (tool_choice other than none)
 
     @property
     def local_only(self) -> bool:
@@ -162,4 +163,5 @@ def extract_features(request: Mapping[str, Any], *, headers: Mapping[str, str] |
         stream=bool(request.get("stream")),
         n=int(request.get("n") or 1),
         max_request_usd=max_request_usd,
+        tools=bool(request.get("tools")) and request.get("tool_choice") != "none",
     )

@@ -19,7 +19,7 @@ from ray_app.router.health import HealthSnapshot
 from ray_app.accounting.recorder import cloud_cost, local_cost
 
 __all__ = ["ContextTooLongError", "Decision", "NoHealthyTargetError", "OverCostCeilingError", "PrivacyError",
-           "RoutingError",
+           "RoutingError", "ToolsNotSupportedError",
            "UnknownRouteError", "decide", "estimate_cost", "is_complex"]
 
 
@@ -45,6 +45,10 @@ class ContextTooLongError(RoutingError):
 
 class NoHealthyTargetError(RoutingError):
     pass
+
+
+class ToolsNotSupportedError(RoutingError):
+    """The request offers tools and no target of its route takes them."""
 
 
 class OverCostCeilingError(RoutingError):
@@ -93,7 +97,8 @@ def decide(features: RequestFeatures, targets: Sequence[Target], health: Mapping
     needed_tokens = features.prompt_tokens + features.max_tokens
 
     def fail(error: type[RoutingError], message: str) -> RoutingError:
-        if privacy_why:
+        # no target for tools is the request's doing, local-only or not: retrying later cannot help
+        if privacy_why and error is not ToolsNotSupportedError:
             return PrivacyError(f"no usable local target for a local-only request ({'; '.join(privacy_why)}); "
                                 f"cloud targets are not allowed", reasons)
         return error(message, reasons)
@@ -112,6 +117,9 @@ def decide(features: RequestFeatures, targets: Sequence[Target], health: Mapping
             return f"context window {t.context_window} < ~{needed_tokens} tokens needed"
         return None
 
+    def takes_no_tools(t: Target) -> str | None:
+        return "takes no tools (no `tools` in its capabilities)" if features.tools and "tools" not in t.capabilities else None
+
     def breaker_open(t: Target) -> str | None:
         return "circuit breaker open" if state[t.name].breaker == "open" else None
 
@@ -127,6 +135,7 @@ def decide(features: RequestFeatures, targets: Sequence[Target], health: Mapping
         (below_min_quality, RoutingError, f"no target on route {route_name!r} meets its min_quality"),
         (leaves_the_premises, PrivacyError, "no local target"),
         (too_small, ContextTooLongError, no_fit),
+        (takes_no_tools, ToolsNotSupportedError, f"no target on route {route_name!r} takes tools"),
         (over_ceiling, OverCostCeilingError, "every candidate may cost more than the caller's per-request ceiling"),
         (breaker_open, NoHealthyTargetError, "every candidate's circuit breaker is open"),
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import random
 import time
 import uuid
@@ -190,26 +191,64 @@ def _blocks(content: Any) -> list[dict[str, str]]:
     return []
 
 
+def _tool_config(tools: list[Mapping[str, Any]], choice: Any) -> dict[str, Any]:
+    """Converse's ``toolConfig`` from OpenAI's ``tools`` and ``tool_choice``."""
+    specs = []
+    for tool in tools:
+        function = tool.get("function") or {}
+        spec = {"name": function["name"], "inputSchema": {"json": function.get("parameters") or {"type": "object"}}}
+        if function.get("description"):
+            spec["description"] = function["description"]
+        specs.append({"toolSpec": spec})
+    config: dict[str, Any] = {"tools": specs}
+    if choice == "required":
+        config["toolChoice"] = {"any": {}}
+    elif isinstance(choice, Mapping):
+        config["toolChoice"] = {"tool": {"name": choice["function"]["name"]}}
+    elif choice in (None, "auto"):
+        config["toolChoice"] = {"auto": {}}
+    return config
+
+
+def _tool_use(call: Mapping[str, Any]) -> dict[str, Any]:
+    function = call.get("function") or {}
+    arguments = function.get("arguments") or "{}"
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else dict(arguments)
+    except ValueError:
+        raise ValueError(f"tool call {call.get('id')!r}: arguments are not JSON") from None
+    return {"toolUse": {"toolUseId": call["id"], "name": function["name"], "input": parsed}}
+
+
 def to_converse(request: Mapping[str, Any], model_id: str) -> dict[str, Any]:
-    """Keyword arguments for ``converse``/``converse_stream`` from an OpenAI chat request."""
-    unsupported = [k for k in ("tools", "functions", "response_format") if request.get(k)]
+    """Keyword arguments for ``converse``/``converse_stream`` from an OpenAI chat request: an
+    assistant's ``tool_calls`` become ``toolUse`` blocks, a ``tool`` message a ``toolResult`` block
+    in the user turn (Converse's roles are user and assistant only)."""
+    unsupported = [k for k in ("functions", "response_format") if request.get(k)]
     if (request.get("n") or 1) > 1:
         unsupported.append("n > 1")
     if unsupported:
         raise ValueError(f"not supported for Bedrock targets: {unsupported}")
     system, messages = [], []
+    used_tools = False
     for m in request.get("messages", []):
         role, blocks = m.get("role"), _blocks(m.get("content"))
         if role in ("system", "developer"):
             system += blocks
-        elif role in ("user", "assistant"):
-            # Converse requires user and assistant turns to alternate: merge repeats into one turn.
-            if messages and messages[-1]["role"] == role:
-                messages[-1]["content"] += blocks
-            else:
-                messages.append({"role": role, "content": blocks})
-        else:
+            continue
+        if role == "assistant" and m.get("tool_calls"):
+            blocks = [b for b in blocks if b["text"]] + [_tool_use(c) for c in m["tool_calls"]]
+            used_tools = True
+        elif role == "tool":
+            role, used_tools = "user", True
+            blocks = [{"toolResult": {"toolUseId": m.get("tool_call_id"), "content": _blocks(m.get("content"))}}]
+        elif role not in ("user", "assistant"):
             raise ValueError(f"message role {role!r} is not supported for Bedrock targets")
+        # Converse requires user and assistant turns to alternate: merge repeats into one turn.
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += blocks
+        else:
+            messages.append({"role": role, "content": blocks})
     inference: dict[str, Any] = {}
     max_tokens = request.get("max_completion_tokens") or request.get("max_tokens")
     if max_tokens:
@@ -222,6 +261,11 @@ def to_converse(request: Mapping[str, Any], model_id: str) -> dict[str, Any]:
         stop = request["stop"]
         inference["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
     kwargs: dict[str, Any] = {"modelId": model_id, "messages": messages}
+    tools, choice = request.get("tools"), request.get("tool_choice")
+    if tools and (choice != "none" or used_tools):
+        if choice == "none":  # Converse has no "none"; earlier tool blocks need the tools declared
+            raise ValueError("tool_choice none after tool calls is not supported for Bedrock targets")
+        kwargs["toolConfig"] = _tool_config(tools, choice)
     if system:
         kwargs["system"] = system
     if inference:
@@ -239,10 +283,16 @@ def from_converse(response: Mapping[str, Any], model: str) -> dict[str, Any]:
     """An OpenAI ``chat.completion`` dict from a Converse response."""
     blocks = response.get("output", {}).get("message", {}).get("content", [])
     text = "".join(b.get("text", "") for b in blocks)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    calls = [{"id": b["toolUse"]["toolUseId"], "type": "function",
+              "function": {"name": b["toolUse"]["name"], "arguments": json.dumps(b["toolUse"].get("input", {}))}}
+             for b in blocks if "toolUse" in b]
+    if calls:
+        message |= {"content": text or None, "tool_calls": calls}
     request_id = response.get("ResponseMetadata", {}).get("RequestId") or uuid.uuid4().hex
     return {
         "id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+        "choices": [{"index": 0, "message": message,
                      "finish_reason": _FINISH.get(response.get("stopReason"), "stop")}],
         "usage": _usage(response.get("usage", {})),
     }
@@ -294,13 +344,23 @@ class BedrockProvider(Provider):
             raise self._error(e) from e
         stream = response["stream"]
         events = iter(stream)
+        calls: dict[int, int] = {}  # content block index -> tool call index
         try:
             while (event := await asyncio.to_thread(next, events, None)) is not None:
                 if "messageStart" in event:
                     yield chunk({"role": event["messageStart"].get("role", "assistant"), "content": ""})
+                elif "contentBlockStart" in event:
+                    start = event["contentBlockStart"]
+                    if (use := start.get("start", {}).get("toolUse")) is not None:
+                        index = calls[start.get("contentBlockIndex", 0)] = len(calls)
+                        yield chunk({"tool_calls": [{"index": index, "id": use["toolUseId"], "type": "function",
+                                                     "function": {"name": use["name"], "arguments": ""}}]})
                 elif "contentBlockDelta" in event:
-                    text = event["contentBlockDelta"].get("delta", {}).get("text")
-                    if text:
+                    delta = event["contentBlockDelta"]
+                    if (use := delta.get("delta", {}).get("toolUse")) is not None:
+                        index = calls.get(delta.get("contentBlockIndex", 0), 0)
+                        yield chunk({"tool_calls": [{"index": index, "function": {"arguments": use.get("input", "")}}]})
+                    elif text := delta.get("delta", {}).get("text"):
                         yield chunk({"content": text})
                 elif "messageStop" in event:
                     yield chunk(finish=_FINISH.get(event["messageStop"].get("stopReason"), "stop"))

@@ -62,6 +62,8 @@ def resolve_sources(config: AppConfig) -> dict[str, str]:
                 problems.append(f"{section}.{i}.source: {e}")
     for i, llm in enumerate(config.llms):
         problems += [f"llms.{i}.engine_kwargs: {p}" for p in engine_kwargs_problems(llm.engine_kwargs)]
+        if llm.tools is not None:
+            problems += [f"llms.{i}.tools.{p}" for p in llm.tools.problems()]
     if problems:
         raise ConfigError("serve config args", problems)
     return sources
@@ -77,7 +79,8 @@ def _max_model_len(llm: LLMConfigModel, source: str) -> int | None:
 
 
 def model_cards(config: AppConfig, sources: dict[str, str]) -> dict[str, ModelCard]:
-    cards = {m.name: ModelCard(id=m.name, root=m.source, kind="llm", max_model_len=_max_model_len(m, sources[m.name]))
+    cards = {m.name: ModelCard(id=m.name, root=m.source, kind="llm", max_model_len=_max_model_len(m, sources[m.name]),
+                               tool_calling=None if m.tools is None else "auto" if m.tools.auto_tool_choice else "required")
              for m in config.llms}
     cards |= {e.name: ModelCard(id=e.name, root=e.source, kind="embedding") for e in config.embedders}
     return cards
@@ -126,6 +129,11 @@ def load_router_config(config: AppConfig):
                 f"{sorted(m.name for m in config.llms)}"
                 for t in router.targets if t.kind == "local" and t.model not in {m.name for m in config.llms}]
     problems += [f"router route {r!r} has the name of a served model; rename one" for r in router.routes if r in served]
+    with_tools = {m.name for m in config.llms if m.tools is not None}
+    problems += [f"router target {t.name!r} lists the `tools` capability but model {t.model!r} has no `tools:` "
+                 "in its llms entry" for t in router.targets
+                 if t.kind == "local" and "tools" in t.capabilities
+                 and t.model in {m.name for m in config.llms} - with_tools]
     if problems:
         raise ConfigError("serve config args: router", problems)
     return router

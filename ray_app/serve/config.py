@@ -100,6 +100,56 @@ class AdapterServeSettings(Strict):
     refresh_s: float = Field(5.0, ge=0, description="How long a name -> version lookup is cached by the gateway.")
 
 
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+
+
+class ToolCallingSettings(Strict):
+    """Tool calling on one served LLM: the chat template shows the model the tools, vLLM's tool-call
+    parser reads its calls back out of the text, and named or ``required`` choices are decoded
+    against the tool's JSON schema (vLLM's structured outputs)."""
+
+    parser: str = Field(
+        "hermes", description="vLLM's tool-call parser for the model's format: hermes (<tool_call> JSON blocks, "
+                              "what the smollm2-tools template teaches), llama3_json, mistral, qwen3_xml, ...")
+    auto_tool_choice: bool = Field(
+        True, description="Let the model decide (`tool_choice: auto`, the default when a request has tools); "
+                          "false: only `none`, `required` and a named function.")
+    chat_template: str | None = Field(
+        None, description="A chat template that renders `tools`: one shipped in ray_app/templates by name "
+                          "(smollm2-tools) or a .jinja file; unset: the model's own template.")
+    strict: Literal["auto", "function", "parameter"] = Field(
+        "parameter", description="What the grammar pins (vLLM's tool_strict_level): parameter: calls and their "
+                                 "arguments match the tools' JSON schemas; function: the call envelope only; auto: "
+                                 "arguments only of tools marked `strict: true`.")
+
+    def template_file(self) -> Path | None:
+        if self.chat_template is None:
+            return None
+        shipped = TEMPLATES / f"{self.chat_template.replace('-', '_')}.jinja"
+        return shipped if shipped.is_file() else Path(self.chat_template).expanduser()
+
+    def problems(self) -> list[str]:
+        from vllm.tool_parsers import ToolParserManager
+
+        known = ToolParserManager.list_registered()
+        problems = [] if self.parser in known else [f"parser {self.parser!r} is not one of vLLM's: {', '.join(known)}"]
+        template = self.template_file()
+        if template is not None and not template.is_file():
+            shipped = sorted(p.stem.replace("_", "-") for p in TEMPLATES.glob("*.jinja"))
+            problems.append(f"chat_template {self.chat_template!r}: no such file and not a shipped template "
+                            f"({', '.join(shipped)})")
+        return problems
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """vLLM's frontend arguments; ray.serve.llm hands them to its OpenAI serving layer. The template
+        goes as text, so a replica on another node needs no file."""
+        kwargs: dict[str, Any] = {"tool_call_parser": self.parser, "enable_auto_tool_choice": self.auto_tool_choice,
+                                  "tool_strict_level": self.strict}
+        if (template := self.template_file()) is not None:
+            kwargs["chat_template"] = template.read_text()
+        return kwargs
+
+
 class LLMConfigModel(Strict):
     """One served LLM: a ``ray.serve.llm`` LLMServer deployment over vLLM."""
 
@@ -125,6 +175,8 @@ class LLMConfigModel(Strict):
     )
     adapters: AdapterServeSettings | None = Field(
         None, description="Serve LoRA adapters of this model (`model=\"<name>:<adapter>\"`); unset: none.")
+    tools: ToolCallingSettings | None = Field(
+        None, description="Tool calling (`tools`, `tool_choice` on chat); unset: requests with tools get 400.")
     replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
 
     @model_validator(mode="after")

@@ -183,6 +183,7 @@ def from_routing_error(exc: Exception) -> APIError:
         OverCostCeilingError,
         PrivacyError,
         RoutingError,
+        ToolsNotSupportedError,
         UnknownRouteError,
     )
 
@@ -192,6 +193,8 @@ def from_routing_error(exc: Exception) -> APIError:
         return EngineUnavailableError(str(exc), code="no_local_target", headers={"retry-after": "5"})
     if isinstance(exc, ContextTooLongError):
         return ContextLengthExceededError(str(exc), param="messages")
+    if isinstance(exc, ToolsNotSupportedError):
+        return InvalidRequestError(str(exc), param="tools", code="tools_not_configured")
     if isinstance(exc, OverCostCeilingError):
         return BudgetExceededError(str(exc), code="cost_ceiling_exceeded")
     if isinstance(exc, RoutingError):

@@ -42,6 +42,8 @@ def to_llm_config(model: LLMConfigModel, model_path: str) -> LLMConfig:
         engine_kwargs |= {"enable_lora": True, "max_loras": model.adapters.max_per_replica,
                           "max_lora_rank": model.adapters.max_rank}
         lora_config = {"max_num_adapters_per_replica": model.adapters.max_per_replica}
+    if model.tools is not None:
+        engine_kwargs |= model.tools.engine_kwargs()
     if model.accelerator == "cpu":
         bundle: dict[str, float] = {"CPU": model.engine_cpus}
     else:

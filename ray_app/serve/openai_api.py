@@ -100,6 +100,22 @@ def log_usage(record: UsageRecord) -> None:
     )
 
 
+def check_tool_choice(request: Any, model: str, tool_calling: str | None) -> None:
+    """400 for tools the model is not set up for, naming the Serve config's fields (vLLM's own
+    message names command-line flags a user of serve_config.yaml cannot set)."""
+    if not getattr(request, "tools", None) or request.tool_choice == "none":
+        return
+    if tool_calling is None:
+        raise InvalidRequestError(
+            f"model {model!r} is not set up for tool calling: give it `tools:` under `llms` in the Serve config "
+            "(e.g. `tools: {parser: hermes, chat_template: smollm2-tools}`), or send `tool_choice: none`",
+            param="tools", code="tools_not_configured")
+    if tool_calling == "required" and request.tool_choice in (None, "auto"):
+        raise InvalidRequestError(
+            f"model {model!r} takes `tool_choice` `required` or a named function, not `auto` "
+            "(`tools.auto_tool_choice: false` in its config)", param="tool_choice", code="tools_not_configured")
+
+
 async def _always_available(model: str) -> None:
     return None
 
@@ -256,6 +272,8 @@ class OpenAIService:
             return Plan(decision.route, targets, "chat", decision.reasons, features), body
         self._apply_caps(request, caller, None)
         name, model_id = await self._resolve_llm(request.model, "chat" if endpoint == "chat" else "completion")
+        if endpoint == "chat":
+            check_tool_choice(request, name, self.cards[name].tool_calling)
         return Plan("direct", [TargetRef(name, "local", name, model_id, self.timeout_s)], endpoint), None
 
     # -- chat and text completions -------------------------------------------------------------

@@ -114,6 +114,8 @@ class ModelCard(BaseModel):
     parent: str | None = None
     kind: Literal["llm", "embedding", "adapter", "route"] = "llm"
     max_model_len: int | None = None
+    tool_calling: Literal["auto", "required"] | None = Field(
+        None, description="auto: every tool_choice; required: `none`, `required` and named only; null: no tools.")
 
 
 class ModelList(BaseModel):

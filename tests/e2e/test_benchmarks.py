@@ -112,3 +112,13 @@ def test_console_bench_smoke(served, tmp_path):
     assert len(report["screenshots"]) == 6
     assert all((tmp_path / shot).stat().st_size > 5_000 for shot in report["screenshots"])
 
+
+def test_tool_bench_smoke(served, tmp_path):
+    from benchmarks import tool_bench
+
+    report = _written(tmp_path, "tool_bench_smoke", tool_bench.main(
+        ["--smoke", "--base-url", served.base_url, "--out", str(tmp_path)]))
+    assert report["settings"]["prompts"] == 5 and report["baseline"]["errors"] == 0
+    # a named function is decoded against its schema: every call is the meant tool with valid arguments
+    assert report["results"]["named"]["valid_rate"] == report["results"]["named"]["right_tool_rate"] == 1.0
+    assert report["results"]["required"]["call_rate"] == 1.0

@@ -168,3 +168,58 @@ def test_the_shipped_app_fits_a_two_cpu_laptop_and_leaves_room_for_jobs():
     replica_cpus = sum(d.replicas.num_cpus * (d.replicas.num_replicas or 1) for d in deployments if d is not None)
     engine_cpus = sum((m.engine_cpus + m.replicas.num_cpus) * (m.replicas.num_replicas or 1) for m in config.llms)
     assert replica_cpus + engine_cpus <= 2.0 - 0.5, (replica_cpus, engine_cpus)
+
+
+def test_tool_calling_maps_onto_vllm_and_is_checked_before_start(data_dir, tmp_path):
+    tools = {"parser": "hermes", "chat_template": "smollm2-tools"}
+    model = LLMConfigModel(name="m", source="x", tools=tools)
+    kwargs = to_llm_config(model, "/x").engine_kwargs
+    assert kwargs["tool_call_parser"] == "hermes" and kwargs["enable_auto_tool_choice"] is True
+    assert kwargs["tool_strict_level"] == "parameter"  # named and required calls match the tool schema
+    assert "<tool_call>" in kwargs["chat_template"]  # the template's text: no file needed on the replica's node
+    args = shipped_args() | {"data_dir": str(data_dir.root)}
+    args["llms"] = [{"name": "a", "source": "tiny-llama", "tools": {"parser": "hermez"}},
+                    {"name": "b", "source": "tiny-llama", "tools": {"chat_template": str(tmp_path / "none.jinja")}}]
+    with pytest.raises(ConfigError) as exc:
+        resolve_sources(AppConfig.load(args))
+    assert len(exc.value.problems) == 2
+    assert "llms.0.tools.parser 'hermez' is not one of vLLM's" in exc.value.problems[0]
+    assert "llms.1.tools.chat_template" in exc.value.problems[1] and "smollm2-tools" in exc.value.problems[1]
+    cards = model_cards(AppConfig.load(shipped_args() | {"data_dir": str(data_dir.root)}), resolve_sources(
+        AppConfig.load(shipped_args() | {"data_dir": str(data_dir.root)})))
+    assert cards["smollm2-135m-instruct"].tool_calling == "auto"
+
+
+def test_a_local_target_offering_tools_needs_a_model_that_has_them(monkeypatch, tmp_path):
+    from ray_app.serve.app import load_router_config
+
+    monkeypatch.chdir(ROOT)
+    args = shipped_args() | {"data_dir": str(tmp_path)}
+    args["llms"] = [{k: v for k, v in args["llms"][0].items() if k != "tools"}]
+    with pytest.raises(ConfigError, match="lists the `tools` capability but model 'smollm2-135m-instruct'"):
+        load_router_config(AppConfig.load(args))
+
+
+def test_the_smollm2_tools_template_is_smollm2s_own_without_tools_and_hermes_with_them(data_dir):
+    from transformers import AutoTokenizer
+
+    from ray_app.serve.config import ToolCallingSettings
+
+    tokenizer = AutoTokenizer.from_pretrained(data_dir.model("smollm2-135m-instruct"))
+    template = ToolCallingSettings(chat_template="smollm2-tools").template_file().read_text()
+    chats = [[{"role": "user", "content": "hi"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "bye"}]]
+    for chat in chats:
+        assert (tokenizer.apply_chat_template(chat, chat_template=template, tokenize=False, add_generation_prompt=True)
+                == tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    calls = [{"role": "user", "content": "time?"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "12:00"}]
+    text = tokenizer.apply_chat_template(calls, tools=[tool], chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+    assert '<tools>\n{"name": "get_time"' in text
+    assert '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>' in text
+    assert "<|im_start|>tool\n<tool_response>\n12:00\n</tool_response><|im_end|>" in text

@@ -15,6 +15,7 @@ from ray_app.router.policy import (
     NoHealthyTargetError,
     PrivacyError,
     RoutingError,
+    ToolsNotSupportedError,
     UnknownRouteError,
     decide,
 )
@@ -28,10 +29,10 @@ CONFIG = RouterConfig.parse({
         {"name": "local-small", "kind": "local", "model": "small", "context_window": 4096, "hourly_rate_usd": 0.5,
          "decode_tokens_per_s": 40, "capabilities": ["chat", "summarize"], "quality": 3},
         {"name": "local-coder", "kind": "local", "model": "coder", "context_window": 8192, "hourly_rate_usd": 2.0,
-         "capabilities": ["chat", "code"], "quality": 6},
+         "capabilities": ["chat", "code", "tools"], "quality": 6},
         {"name": "cheap-cloud", "kind": "openai", "model": "mini", "api_key_env": "K", "context_window": 16000,
-         "price_in_per_mtok": 0.15, "price_out_per_mtok": 0.6, "capabilities": ["chat", "summarize", "multilingual"],
-         "quality": 6},
+         "price_in_per_mtok": 0.15, "price_out_per_mtok": 0.6,
+         "capabilities": ["chat", "summarize", "multilingual", "tools"], "quality": 6},
         {"name": "code-cloud", "kind": "azure", "model": "gpt", "api_key_env": "K", "base_url": "https://x",
          "api_version": "2024-10-21", "context_window": 16000, "price_in_per_mtok": 2.5, "price_out_per_mtok": 10,
          "capabilities": ["chat", "code", "math"], "quality": 8},
@@ -47,6 +48,7 @@ CONFIG = RouterConfig.parse({
     },
 })
 LOCAL = {t.name for t in CONFIG.targets if t.privacy == "local"}
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
 LONG_TEXT = "lorem ipsum dolor sit amet " * 7_500  # ~50k tokens: only long-cloud's window fits it
 
 
@@ -60,6 +62,7 @@ class Case:
     first: str | None = None  # or just the expected first choice
     error: type[RoutingError] | None = None
     reason: str | None = None  # a substring of one reason (or of the error)
+    request: dict[str, Any] = field(default_factory=dict)  # more request fields (tools, ...)
 
 
 CASES = {
@@ -103,12 +106,24 @@ CASES = {
                                error=NoHealthyTargetError),
     "unknown route": Case(route="fastest", error=UnknownRouteError, reason="'fastest'"),
     "too long for everything": Case(text=LONG_TEXT * 3, error=ContextTooLongError, reason="no target fits"),
+    "tools go to targets that take them": Case(request={"tools": [TOOL]}, chain=["cheap-cloud", "local-coder"],
+                                              reason="skip local-small: takes no tools"),
+    "tools with tool_choice none go anywhere": Case(request={"tools": [TOOL], "tool_choice": "none"},
+                                                   first="cheap-cloud", chain=None),
+    "a confidential value in a tool result keeps the follow-up local": Case(request={"tools": [TOOL], "messages": [
+        {"role": "user", "content": "Look up Jane's payment details."},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"who": "Jane"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "card 4111 1111 1111 1111"}]},
+        chain=["local-coder"], reason="PII (card)"),
+    "tools on a route with no target for them": Case(route="private", request={"tools": [TOOL]},
+                                                    error=ToolsNotSupportedError, reason="takes tools"),
 }
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_decide(case: Case):
-    request = {"messages": [{"role": "user", "content": case.text}], "max_tokens": 100}
+    request = {"messages": [{"role": "user", "content": case.text}], "max_tokens": 100} | case.request
     if case.route:
         request["model"] = case.route
     features = extract_features(request, **case.features)

@@ -105,6 +105,19 @@ async def test_openai_chat(openai_server, kind):
 
 
 @pytest.mark.parametrize("kind", ["openai", "azure"])
+async def test_openai_tools_are_forwarded_and_calls_come_back(openai_server, kind):
+    provider = make_provider(_openai_target(openai_server, kind), environ={"TEST_KEY": "k"})
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    response = await provider.chat({"messages": MESSAGES, "tools": [TIME, WEATHER], "tool_choice": named,
+                                    "parallel_tool_calls": False})
+    (seen,) = openai_server.requests
+    assert seen.body["tools"] == [TIME, WEATHER] and seen.body["tool_choice"] == named
+    assert seen.body["parallel_tool_calls"] is False
+    (call,) = response["choices"][0]["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "loopback"}'}
+
+
+@pytest.mark.parametrize("kind", ["openai", "azure"])
 async def test_openai_stream_ends_with_usage(openai_server, kind):
     provider = make_provider(_openai_target(openai_server, kind), environ={"TEST_KEY": "k"})
     chunks = await _collect(provider.stream({"messages": MESSAGES, "max_tokens": 3}))
@@ -248,9 +261,63 @@ async def test_bedrock_server_refuses_unsigned_requests(bedrock_server):
 
 async def test_unsupported_bedrock_requests_fail_without_a_call(bedrock_server):
     provider = _bedrock(bedrock_server, Sleeps())
-    with pytest.raises(ProviderError, match="tools"):
-        await provider.chat({"messages": MESSAGES, "tools": [{"type": "function"}]})
+    with pytest.raises(ProviderError, match="response_format"):
+        await provider.chat({"messages": MESSAGES, "response_format": {"type": "json_object"}})
     assert bedrock_server.requests == []
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+async def test_bedrock_tools_map_to_tool_config_and_tool_use_both_ways(bedrock_server):
+    provider = _bedrock(bedrock_server, Sleeps())
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    response = await provider.chat({"messages": MESSAGES, "tools": [TIME, WEATHER], "tool_choice": named})
+    (seen,) = bedrock_server.requests
+    assert seen.body["toolConfig"] == {"tools": [
+        {"toolSpec": {"name": "get_time", "inputSchema": {"json": TIME["function"]["parameters"]}}},
+        {"toolSpec": {"name": "get_weather", "description": "Weather in a city.",
+                      "inputSchema": {"json": WEATHER["function"]["parameters"]}}}],
+        "toolChoice": {"tool": {"name": "get_weather"}}}
+    choice = response["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "loopback"}'} and call["id"]
+
+    # the round trip: the call and its result go back as toolUse and toolResult blocks
+    follow_up = MESSAGES + [choice["message"], {"role": "tool", "tool_call_id": call["id"], "content": "21 C"}]
+    answer = await provider.chat({"messages": follow_up, "tools": [WEATHER], "tool_choice": "required"})
+    assert answer["choices"][0]["message"]["content"] == REPLY
+    sent = bedrock_server.requests[1].body
+    assert sent["toolConfig"]["toolChoice"] == {"any": {}}
+    assert sent["messages"][1] == {"role": "assistant", "content": [
+        {"toolUse": {"toolUseId": call["id"], "name": "get_weather", "input": {"city": "loopback"}}}]}
+    assert sent["messages"][2] == {"role": "user", "content": [
+        {"toolResult": {"toolUseId": call["id"], "content": [{"text": "21 C"}]}}]}
+
+
+async def test_bedrock_streams_tool_calls_as_openai_deltas(bedrock_server):
+    provider = _bedrock(bedrock_server, Sleeps())
+    chunks = await _collect(provider.stream({"messages": MESSAGES, "tools": [WEATHER]}))
+    assert bedrock_server.requests[0].body["toolConfig"]["toolChoice"] == {"auto": {}}
+    deltas = [d for c in chunks if c["choices"] for d in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert deltas[0]["function"]["name"] == "get_weather" and deltas[0]["id"] and deltas[0]["index"] == 0
+    assert "".join(d["function"].get("arguments", "") for d in deltas) == '{"city": "loopback"}'
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "tool_calls"
+
+
+def test_tool_choice_none_drops_the_tools_unless_earlier_turns_used_them():
+    assert "toolConfig" not in to_converse({"messages": MESSAGES, "tools": [WEATHER], "tool_choice": "none"}, "m")
+    used = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    with pytest.raises(ValueError, match="tool_choice none"):
+        to_converse({"messages": used, "tools": [WEATHER], "tool_choice": "none"}, "m")
+    with pytest.raises(ValueError, match="not JSON"):
+        to_converse({"messages": MESSAGES + [{"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}, "m")
 
 
 @pytest.mark.parametrize("stop_reason, finish", [("end_turn", "stop"), ("stop_sequence", "stop"),

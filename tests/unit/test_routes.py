@@ -369,3 +369,17 @@ async def test_the_console_is_served_with_a_strict_content_security_policy(h: Ha
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=off), base_url="http://test") as http:
         assert (await http.get("/ui/")).status_code == 404
 
+
+async def test_tools_on_a_model_without_tool_calling_are_refused_naming_our_config(h: Harness):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    body = CHAT | {"tools": [tool]}
+    error = assert_openai_error(await h.http.post("/v1/chat/completions", json=body), 400, param="tools",
+                                code="tools_not_configured")
+    assert "`tools:` under `llms`" in error["message"] and "--" not in error["message"]
+    assert (await h.http.post("/v1/chat/completions", json=body | {"tool_choice": "none"})).status_code == 200
+    h.service.cards["fake-llm"].tool_calling = "required"  # auto_tool_choice off in the model's config
+    assert_openai_error(await h.http.post("/v1/chat/completions", json=body), 400, param="tool_choice")
+    named = {"type": "function", "function": {"name": "f"}}
+    assert (await h.http.post("/v1/chat/completions", json=body | {"tool_choice": named})).status_code == 200
+    h.service.cards["fake-llm"].tool_calling = "auto"
+    assert (await h.http.post("/v1/chat/completions", json=body)).status_code == 200
