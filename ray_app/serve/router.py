@@ -86,4 +86,3 @@ class CloudProviders:
         return (await self._fine_tuning_client(target).fine_tuning.jobs.cancel(provider_job_id)).model_dump(mode="json")
 
 
-RouterServer = CloudProviders  # the deployment class: nothing to add for Serve

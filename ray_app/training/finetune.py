@@ -158,7 +158,7 @@ def run_training(config: TrainConfig, *, register: bool | None = None, run_name:
                            "learning_rate": config.optim.learning_rate, "batch_size": config.optim.batch_size,
                            "num_workers": config.scaling.num_workers, "deepspeed_stage": config.deepspeed.stage,
                            "max_seq_len": config.data.max_seq_len, "packing": config.data.packing,
-                           "train_rows": len(data.train), "dataset_sha256": data.sha256[:16]})
+                           "train_rows": len(data.train), "dataset_sha256": data.sha256})
         mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
         if data.problems:
             mlflow.log_text("\n".join(map(str, data.problems)), "data_problems.txt")
