@@ -153,6 +153,13 @@ class RawVLLM:
                     "--max-model-len", str(kwargs.get("max_model_len", 2048)), "--disable-uvicorn-access-log"]
         if kwargs.get("enforce_eager"):
             self.cmd.append("--enforce-eager")
+        if llm.get("tools"):  # the same tool calling as ours: the parser runs on every streamed token
+            from ray_app.serve.config import ToolCallingSettings
+
+            tools = ToolCallingSettings.model_validate(llm["tools"])
+            self.cmd += ["--tool-call-parser", tools.parser, "--tool-strict-level", tools.strict]
+            self.cmd += ["--enable-auto-tool-choice"] if tools.auto_tool_choice else []
+            self.cmd += ["--chat-template", str(tools.template_file())] if tools.chat_template else []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
             "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(llm.get("cpu_kv_cache_gib", 2)),
             "HF_HUB_OFFLINE": "1"}

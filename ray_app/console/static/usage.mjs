@@ -20,8 +20,8 @@ export function Usage() {
   return html`
     <section class="usage">
       <h2>Usage</h2>
-      <p>${int(total.requests)} requests, ${int(total.prompt_tokens)} prompt and ${int(total.completion_tokens)}
-        completion tokens, <b class="total-cost">${usd(total.cost_usd)}</b> in all.</p>
+      <p>${`${int(total.requests)} requests, ${int(total.prompt_tokens)} prompt and ${int(total.completion_tokens)} completion tokens, `}
+        <b class="total-cost">${usd(total.cost_usd)}</b> in all.</p>
       <div class="charts">
         <${Chart} title="Spend per day (USD)" label="day" bars series=${["spend"]} data=${[x, sum("cost_usd")]} />
         <${Chart} title="Tokens per day, by model" label="day" series=${models}
