@@ -112,7 +112,9 @@ def bench_app(smoke: bool) -> tuple[dict, dict | None, str]:
 
         app_args["llms"] = [copy.deepcopy(TINY)]
         local = next(t for t in router["targets"] if t["kind"] == "local")
-        local |= {"model": "tiny-llama", "context_window": 512}
+        # the tiny model has no tool calling, so its target cannot offer it
+        local |= {"model": "tiny-llama", "context_window": 512,
+                  "capabilities": [c for c in local.get("capabilities", []) if c != "tools"]}
     else:
         app_args["llms"] = app_args["llms"][:1]
     app_args["router"]["config"] = router
