@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, percentile, write_results  # noqa: E402
+from benchmarks.load import wait_ready  # noqa: E402
 
 APP = "ray_app_chaos"
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the report
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
     created = [keys.create(f"chaos-{i}") for i in range(clients)]
     collection = f"chaos-{uuid.uuid4().hex[:6]}"
     try:
-        _wait(base, model)
+        wait_ready(base, model)
         assert httpx.post(base + "/v1/collections", json={"name": collection}, timeout=60).status_code == 201
         up = httpx.post(f"{base}/v1/collections/{collection}/documents", timeout=300,
                         files={"file": ("memo.md", b"# Memo\n\nThe offsite is in Lisbon this year.\n")})
@@ -342,20 +343,6 @@ def main(argv: list[str] | None = None) -> dict:
               "results": results}
     write_results("chaos_bench" + ("_smoke" if args.smoke else ""), report, Path(args.out), plot)
     return report
-
-
-def _wait(base: str, model: str, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.post(base + "/v1/chat/completions", timeout=60, json={
-                "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-            if r.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"{base} not ready after {timeout_s}s")
 
 
 if __name__ == "__main__":
