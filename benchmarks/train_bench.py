@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray_app.models.resolve import resolve_source
     from ray_app.paths import DataDir
     from ray_app.training.data import pack, prepare
-    from ray_app.training.finetune import load_tokenizer
+    from ray_app.training.model import load_tokenizer
 
     paths = DataDir.from_path(args.data_dir)
     model_path = resolve_source(args.model, paths)

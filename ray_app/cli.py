@@ -346,7 +346,8 @@ def adapters_promote(
 
         from ray_app.training.config import EvalConfig
         from ray_app.training.evaluate import endpoint_tokens, parity_check
-        from ray_app.training.finetune import GOLDEN_PROMPTS, load_tokenizer
+        from ray_app.training.finetune import GOLDEN_PROMPTS
+        from ray_app.training.model import load_tokenizer
 
         folder = reg.download(target, Path(tempfile.mkdtemp(prefix="adapter-")))
         stored = folder / GOLDEN_PROMPTS

@@ -2,8 +2,8 @@
 SQLite, so they survive a server restart.
 
 A ``fine-tune`` file is checked when it is uploaded, line by line, the way OpenAI's API does it: each
-line one JSON object in the chat format (``{"messages": [...]}``, optionally ``tools``), every message
-with a known role, the last one from the assistant. A file with no usable line is refused (400) naming
+line one JSON object in the chat format (``{"messages": [...]}``, with ``tools``, ``tool_calls`` and
+``tool`` messages for function calling) read by the trainer's own parser (``training.data.parse_record``). A file with no usable line is refused (400) naming
 the first bad one; a file with some bad lines is kept, and its listing says which (the trainer skips
 them too).
 """
@@ -23,7 +23,6 @@ __all__ = ["FileRecord", "FileStore", "LineProblem", "TrainingFileError", "check
 
 Purpose = Literal["fine-tune", "assistants", "batch", "user_data"]
 PURPOSES = ("fine-tune", "assistants", "batch", "user_data")
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 @dataclass(frozen=True)
@@ -39,25 +38,13 @@ class TrainingFileError(ValueError):
 
 
 def _line_problem(record: Any) -> str | None:
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return "no `messages` list"
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"messages[{i}] is not an object"
-        if message.get("role") not in _ROLES:
-            return f"messages[{i}].role {message.get('role')!r} is not one of {sorted(_ROLES)}"
-        content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            return f"messages[{i}].content must be a string or a list of parts"
-        if message["role"] == "assistant" and not content and not message.get("tool_calls"):
-            return f"messages[{i}]: an assistant message needs content or tool_calls"
-    if not any(m.get("role") == "assistant" for m in messages):
-        return "no assistant message to learn from"
-    if record.get("tools") is not None and not isinstance(record["tools"], list):
-        return "`tools` must be a list"
+    # the trainer's own reading of a line: what is refused here is exactly what it could not train on
+    from ray_app.training.data import parse_record
+
+    try:
+        parse_record(record)
+    except ValueError as e:
+        return str(e)
     return None
 
 

@@ -30,6 +30,8 @@ def train_config(spec: JobSpec):
     data = document.setdefault("data", {})
     data["train"] = spec.training_file
     data["seed"] = spec.seed
+    if spec.chat_template is not None:
+        data.setdefault("chat_template", spec.chat_template)
     if spec.validation_file:
         data["validation"] = spec.validation_file
     optim = document.setdefault("optim", {})

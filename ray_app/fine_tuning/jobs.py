@@ -71,11 +71,13 @@ class JobCreate(Strict):
 
 @dataclass(frozen=True)
 class LocalModel:
-    """A served LLM a job can fine-tune: its source, and whether it serves adapters."""
+    """A served LLM a job can fine-tune: its source, whether it serves adapters, and the chat template
+    it is served with when that is not its own (tool calling): jobs train with the same one."""
 
     name: str
     source: str
     adapters: bool
+    chat_template: str | None = None
 
 
 @dataclass
@@ -96,6 +98,7 @@ class JobSpec:
     data_dir: str
     folder: str
     promote: bool = True
+    chat_template: str | None = None  # the served model's, when it is not the model's own
 
     @property
     def events_path(self) -> Path:
@@ -309,7 +312,7 @@ class FineTuningService:
             batch_size=None if h["batch_size"] == "auto" else h["batch_size"],
             learning_rate_multiplier=None if h["learning_rate_multiplier"] == "auto" else h["learning_rate_multiplier"],
             seed=job["seed"], template=self.template, data_dir=self.data_dir, folder=job["_folder"],
-            promote=self.promote)
+            promote=self.promote, chat_template=local.chat_template)
         await asyncio.to_thread(spec.save)
         try:
             job["_runner_id"] = await asyncio.to_thread(self.runner.submit, spec)

@@ -18,6 +18,7 @@ from ray_app.documents.config import ChunkingConfig, DocumentLimits, OCRConfig, 
 from ray_app.paths import DataDir
 from ray_app.schema import ConfigError, Strict, load_yaml, parse
 from ray_app.sensitivity import Sensitivity
+from ray_app.templates import shipped, template_path
 
 if TYPE_CHECKING:
     from ray_app.router.config import RouterConfig
@@ -100,9 +101,6 @@ class AdapterServeSettings(Strict):
     refresh_s: float = Field(5.0, ge=0, description="How long a name -> version lookup is cached by the gateway.")
 
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
-
-
 class ToolCallingSettings(Strict):
     """Tool calling on one served LLM: the chat template shows the model the tools, vLLM's tool-call
     parser reads its calls back out of the text, and named or ``required`` choices are decoded
@@ -123,10 +121,7 @@ class ToolCallingSettings(Strict):
                                  "arguments only of tools marked `strict: true`.")
 
     def template_file(self) -> Path | None:
-        if self.chat_template is None:
-            return None
-        shipped = TEMPLATES / f"{self.chat_template.replace('-', '_')}.jinja"
-        return shipped if shipped.is_file() else Path(self.chat_template).expanduser()
+        return None if self.chat_template is None else template_path(self.chat_template)
 
     def problems(self) -> list[str]:
         from vllm.tool_parsers import ToolParserManager
@@ -135,9 +130,8 @@ class ToolCallingSettings(Strict):
         problems = [] if self.parser in known else [f"parser {self.parser!r} is not one of vLLM's: {', '.join(known)}"]
         template = self.template_file()
         if template is not None and not template.is_file():
-            shipped = sorted(p.stem.replace("_", "-") for p in TEMPLATES.glob("*.jinja"))
             problems.append(f"chat_template {self.chat_template!r}: no such file and not a shipped template "
-                            f"({', '.join(shipped)})")
+                            f"({', '.join(shipped())})")
         return problems
 
     def engine_kwargs(self) -> dict[str, Any]:

@@ -205,7 +205,8 @@ class Gateway:
         return FineTuningService(
             FileStore(root / "files", settings.max_file_bytes), JobStore(root / "fine_tuning" / "jobs.sqlite"),
             root=root / "fine_tuning", data_dir=str(root),
-            models={m.name: LocalModel(m.name, m.source, m.adapters is not None) for m in self.config.llms},
+            models={m.name: LocalModel(m.name, m.source, m.adapters is not None,
+                                       m.tools.chat_template if m.tools else None) for m in self.config.llms},
             template=settings.template, runner=RayJobRunner(), cloud_models=cloud, cloud=self._cloud,
             privacy_reasons=training_file_reasons, max_running=settings.max_running, promote=settings.promote)
 

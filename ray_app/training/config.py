@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from ray_app.cluster import ClusterShare
 from ray_app.paths import DataDir
@@ -20,6 +20,19 @@ class DataConfig(Strict):
     max_seq_len: PositiveInt = Field(512, description="Longer examples are truncated (and reported).")
     packing: bool = Field(False, description="Concatenate examples into full max_seq_len blocks.")
     seed: int = 0
+    chat_template: str | None = Field(
+        None, description="Render with this template instead of the base model's: a shipped one by name "
+                          "(smollm2-tools, the template SmolLM2 is served with for tool calling) or a .jinja file. "
+                          "Set it to the served model's `tools.chat_template` to train on tool-calling data.")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, value: str | None) -> str | None:
+        from ray_app.templates import shipped, template_path
+
+        if value is not None and not template_path(value).is_file():
+            raise ValueError(f"{value!r}: no such file and not a shipped template ({', '.join(shipped())})")
+        return value
 
 
 class LoraSettings(Strict):

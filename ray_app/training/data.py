@@ -1,8 +1,10 @@
 """Training data: JSONL in, token rows out.
 
-Two formats, recognised per line: OpenAI's fine-tuning chat format (``{"messages": [...]}``) and
+Two formats, recognised per line: OpenAI's fine-tuning chat format (``{"messages": [...]}``, with
+function calling: ``tools`` on the record, assistant ``tool_calls``, ``tool`` messages, ``weight``) and
 instruction records (``instruction``, optional ``input``, ``output``). Conversations are rendered with
-the base model's own chat template; only assistant tokens carry labels (the rest is -100), found by
+the base model's chat template (or the one the served model uses for tools, ``data.chat_template``);
+only learned assistant tokens, answers and tool calls, carry labels (the rest is -100), found by
 rendering each prefix of the conversation and mapping character spans to tokens. Bad lines are
 collected with their line numbers; a dataset with no usable line fails before any worker starts.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 IGNORE = -100
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 class DatasetError(ValueError):
@@ -34,30 +36,113 @@ class LineProblem:
         return f"{self.path}:{self.line}: {self.reason}"
 
 
+@dataclass(frozen=True)
+class Conversation:
+    """One training example: messages as the chat template takes them, the tools offered to the model,
+    and which assistant turns are learned from (OpenAI's ``weight``: 0 keeps a turn as context only)."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    weights: tuple[int, ...] = ()  # one per message; 1 = learn this assistant turn
+
+    def learned(self, i: int) -> bool:
+        return self.messages[i]["role"] == "assistant" and (not self.weights or self.weights[i] == 1)
+
+    @property
+    def answer(self) -> str:
+        """The last learned assistant turn as text: its content, or its calls as JSON (the task score's reference)."""
+        last = self.messages[max(i for i in range(len(self.messages)) if self.learned(i))]
+        if last.get("content"):
+            return last["content"]
+        return "\n".join(json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+                         for c in last.get("tool_calls") or [])
+
+
 @dataclass
 class Examples:
-    conversations: list[list[dict[str, str]]] = field(default_factory=list)
+    conversations: list[Conversation] = field(default_factory=list)
     problems: list[LineProblem] = field(default_factory=list)
     sha256: str = ""
 
 
-def _conversation(record: Any) -> list[dict[str, str]]:
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI's content parts: text only (no images in training data)
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise ValueError(f"{where}: only text content parts can be trained on")
+        return "".join(p["text"] for p in content)
+    raise ValueError(f"{where}: content must be a string or a list of text parts")
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """OpenAI's ``tool_calls`` with each call's ``arguments`` parsed into an object: what chat templates
+    take, and what vLLM hands them when it renders a served request (so training and serving agree)."""
+    if not isinstance(calls, list) or not calls:
+        raise ValueError(f"{where}.tool_calls must be a non-empty list")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"{where}.tool_calls[{j}]: needs function.name")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise ValueError(f"{where}.tool_calls[{j}].function.arguments is not JSON") from None
+        if not isinstance(arguments, dict):
+            raise ValueError(f"{where}.tool_calls[{j}].function.arguments must be a JSON object")
+        out.append({"id": str(call.get("id") or f"call_{j}"), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def _tools(tools: Any) -> list[dict[str, Any]] | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+            for t in tools):
+        raise ValueError("`tools` must be a list of {\"type\": \"function\", \"function\": {\"name\": ...}}")
+    return tools or None
+
+
+def _chat(record: dict[str, Any]) -> Conversation:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("`messages` must be a non-empty list")
+    out, weights = [], []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ValueError(f"{where}.role must be one of {sorted(ROLES)}")
+        role = "system" if m["role"] == "developer" else m["role"]
+        weight = m.get("weight", 1)
+        if weight not in (0, 1) or (weight == 0 and role != "assistant"):
+            raise ValueError(f"{where}.weight must be 0 or 1, and only on assistant messages")
+        message: dict[str, Any] = {"role": role}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            message["content"] = _text(m["content"], where) if m.get("content") is not None else ""
+            message["tool_calls"] = _tool_calls(m["tool_calls"], where)
+        else:
+            message["content"] = _text(m.get("content"), where)
+        if role == "tool":
+            message["tool_call_id"] = str(m.get("tool_call_id") or "")
+        out.append(message)
+        weights.append(weight)
+    conversation = Conversation(out, _tools(record.get("tools")), tuple(weights))
+    if not any(conversation.learned(i) and (m["content"].strip() or m.get("tool_calls")) for i, m in enumerate(out)):
+        raise ValueError("no assistant message to learn from")
+    return conversation
+
+
+def parse_record(record: Any) -> Conversation:
+    """One line of a training file as a conversation; ``ValueError`` says what is wrong with it."""
     if not isinstance(record, dict):
         raise ValueError("a line must be a JSON object")
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("`messages` must be a non-empty list")
-        out = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise ValueError(f"messages[{i}]: role must be one of {sorted(ROLES)}")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}]: content must be a string")
-            out.append({"role": m["role"], "content": m["content"]})
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
-            raise ValueError("no assistant message to learn from")
-        return out
+        return _chat(record)
     if "instruction" in record or "output" in record:
         instruction, output = record.get("instruction"), record.get("output")
         if not isinstance(instruction, str) or not instruction.strip():
@@ -68,7 +153,7 @@ def _conversation(record: Any) -> list[dict[str, str]]:
         if not isinstance(extra, str):
             raise ValueError("`input` must be a string")
         user = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return Conversation([{"role": "user", "content": user}, {"role": "assistant", "content": output}])
     raise ValueError("neither `messages` (chat format) nor `instruction`/`output` (instruction format)")
 
 
@@ -82,7 +167,7 @@ def read_jsonl(path: str | Path) -> Examples:
         if not line.strip():
             continue
         try:
-            examples.conversations.append(_conversation(json.loads(line)))
+            examples.conversations.append(parse_record(json.loads(line)))
         except json.JSONDecodeError as e:
             examples.problems.append(LineProblem(str(path), number, f"not JSON: {e.msg}"))
         except ValueError as e:
@@ -90,26 +175,31 @@ def read_jsonl(path: str | Path) -> Examples:
     return examples
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def _render(tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None, generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def render_prompt(tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
     """The token ids a model is prompted with for ``messages`` (the generation prompt included): the
     same rendering the training data uses, compared with the serving path by the parity check."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(_render(tokenizer, messages, tools, True), add_special_tokens=False)["input_ids"]
 
 
-def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_seq_len: int) -> dict[str, list[int]]:
-    """input_ids and labels; labels are the ids of assistant turns' tokens and -100 elsewhere."""
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+def tokenize_conversation(tokenizer, conversation: Conversation, max_seq_len: int) -> dict[str, list[int]]:
+    """input_ids and labels; labels are the ids of learned assistant turns' tokens (their text and their
+    tool calls) and -100 elsewhere (system, user and tool turns, and the template's own markup)."""
+    messages, tools = conversation.messages, conversation.tools
+    full = _render(tokenizer, messages, tools)
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+    for i in range(len(messages)):
+        if not conversation.learned(i):
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-        if not full.startswith(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)):
+        start = len(_render(tokenizer, messages[:i], tools, True))
+        upto = _render(tokenizer, messages[: i + 1], tools)
+        if not full.startswith(upto):
             raise DatasetError("the chat template does not render conversations incrementally; "
                                "assistant tokens cannot be located")
-        spans.append((start, end))
+        spans.append((start, len(upto)))
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     labels = [IGNORE] * len(ids)
@@ -137,7 +227,7 @@ def pack(rows: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[str, l
 class TokenizedData:
     train: list[dict[str, list[int]]]
     validation: list[dict[str, list[int]]]
-    validation_conversations: list[list[dict[str, str]]]
+    validation_conversations: list[Conversation]
     problems: list[LineProblem]
     truncated: int
     sha256: str  # of the training file (and the validation file): tags the registered version

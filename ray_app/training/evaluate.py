@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
-from ray_app.training.data import IGNORE, collate, render_prompt
+from ray_app.training.data import IGNORE, Conversation, collate, render_prompt
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -57,31 +57,64 @@ def heldout_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> f
     return loss_sum / tokens if tokens else float("nan")
 
 
-def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+def generate_answers(model, tokenizer, conversations: list[Conversation], max_new_tokens: int,
+                     batch_size: int = 8) -> list[str]:
+    """Greedy answers to each conversation's last learned turn, generated in left-padded batches (one
+    forward pass per new token for the batch, not per example)."""
     import torch
 
-    answers = []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = []
     for conversation in conversations:
-        prompt = conversation[: max(i for i, m in enumerate(conversation) if m["role"] == "assistant")]
-        ids = torch.tensor([render_prompt(tokenizer, prompt)])
+        last = max(i for i in range(len(conversation.messages)) if conversation.learned(i))
+        prompts.append(render_prompt(tokenizer, conversation.messages[:last], conversation.tools))
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start: start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, prompt in enumerate(batch):
+            ids[i, width - len(prompt):] = torch.tensor(prompt)
+            mask[i, width - len(prompt):] = 1
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad_id)
+        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
     return answers
 
 
-def evaluate(model, tokenizer, rows: list[dict], conversations: list[list[dict]], metric: str,
+def evaluate(model, tokenizer, rows: list[dict], conversations: list[Conversation], metric: str,
              max_examples: int, max_new_tokens: int) -> EvalScores:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loss = heldout_loss(model, rows, pad_id)
     sample = conversations[:max_examples]
-    references = [next(m["content"] for m in reversed(c) if m["role"] == "assistant") for c in sample]
+    references = [c.answer for c in sample]
     predictions = generate_answers(model, tokenizer, sample, max_new_tokens)
     score_fn = rouge_l if metric == "rouge_l" else exact_match
     score = sum(score_fn(p, r) for p, r in zip(predictions, references)) / max(len(sample), 1)
     return EvalScores(loss=round(loss, 5), perplexity=round(math.exp(min(loss, 50)), 4),
                       task_score=round(score, 4), metric=metric, examples=len(sample))
+
+
+def base_against_adapter(base_path: str, artifact: str, tokenizer, rows: list[dict],
+                         conversations: list[Conversation], metric: str, max_examples: int,
+                         max_new_tokens: int) -> dict[str, float]:
+    """The same held-out scores for the base model and the fine-tuned one, as ``base_*`` and
+    ``adapter_*`` metrics. A PEFT adapter is loaded once over the base and switched off for the base's
+    scores (one model in memory, one load)."""
+    from peft import PeftModel
+
+    from ray_app.training.model import load_adapted
+
+    args = (tokenizer, rows, conversations, metric, max_examples, max_new_tokens)
+    adapted = load_adapted(base_path, artifact)
+    if isinstance(adapted, PeftModel):
+        with adapted.disable_adapter():
+            base = evaluate(adapted, *args)
+    else:  # a full fine-tune: its own weights
+        base = evaluate(load_adapted(base_path, None), *args)
+    return base.as_metrics("base") | evaluate(adapted, *args).as_metrics("adapter")
 
 
 # -- train -> serve parity ------------------------------------------------------------------------
@@ -117,11 +150,12 @@ def parity_check(training_tokenizer, serving_tokens: ServingTokens, prompts: lis
     return ParityResult(passed=not mismatches, prompts=len(prompts), mismatches=mismatches)
 
 
-def tokenizer_tokens(serving_model_path: str) -> ServingTokens:
-    """The served base model's own tokenizer and chat template (what vLLM renders chat requests with)."""
-    from transformers import AutoTokenizer
+def tokenizer_tokens(serving_model_path: str, chat_template: str | None = None) -> ServingTokens:
+    """The served base model's tokenizer and the chat template vLLM renders its chat requests with (its
+    own, or the served model's ``tools.chat_template``)."""
+    from ray_app.training.model import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(serving_model_path)
+    tokenizer = load_tokenizer(serving_model_path, chat_template)
     return lambda messages: render_prompt(tokenizer, messages)
 
 

@@ -16,7 +16,8 @@ import yaml
 
 from ray_app.cluster import init_ray
 from ray_app.training.config import DistillConfig, TrainConfig
-from ray_app.training.data import DatasetError, TokenizedData, prepare
+from ray_app.training.data import TokenizedData, prepare
+from ray_app.training.model import load_tokenizer
 
 logger = logging.getLogger("ray_app.train")
 GOLDEN_PROMPTS = "golden_prompts.json"
@@ -45,15 +46,6 @@ def fit_scaling(config: TrainConfig) -> TrainConfig:
     if fitted == scaling.cpus_per_worker:
         return config
     return config.model_copy(update={"scaling": scaling.model_copy(update={"cpus_per_worker": fitted})})
-
-
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.chat_template is None:
-        raise DatasetError(f"{model_path}: the tokenizer has no chat template to render conversations with")
-    return tokenizer
 
 
 def template_hash(tokenizer) -> str:
@@ -125,14 +117,13 @@ def run_training(config: TrainConfig, *, register: bool | None = None, run_name:
     import mlflow
 
     from ray_app.models.resolve import resolve_source
-    from ray_app.training.evaluate import evaluate, parity_check, tokenizer_tokens
+    from ray_app.training.evaluate import base_against_adapter, parity_check, tokenizer_tokens
     from ray_app.training.loop import total_steps
-    from ray_app.training.model import load_adapted
     from ray_app.training.registry import AdapterRegistry, ensure_experiment
 
     paths = config.paths
     model_path = resolve_source(config.base_model, paths)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, config.data.chat_template)
     data = prepare(tokenizer, config.data.train, config.data.validation, config.data.validation_fraction,
                    config.data.max_seq_len, config.data.packing, config.data.seed)
     for problem in data.problems:
@@ -189,14 +180,17 @@ def run_training(config: TrainConfig, *, register: bool | None = None, run_name:
         outcome = TrainingResult(run.info.run_id, artifact, metrics, resumed_from_steps=resumed, history=history,
                                  trained_tokens=int(data.train_tokens * examples_seen / max(len(data.train), 1)))
         if evaluate_result:
-            scores = {}
-            for label, adapter in (("base", None), ("adapter", str(artifact))):
-                model = load_adapted(model_path, adapter)
-                scores |= evaluate(model, tokenizer, data.validation, data.validation_conversations, config.eval.metric,
-                                   config.eval.max_examples, config.eval.max_new_tokens).as_metrics(label)
+            if config.scaling.torch_threads:  # as the workers: more threads than free cores spin, and crawl
+                import torch
+
+                torch.set_num_threads(config.scaling.torch_threads)
+            scores = base_against_adapter(model_path, str(artifact), tokenizer, data.validation,
+                                          data.validation_conversations, config.eval.metric,
+                                          config.eval.max_examples, config.eval.max_new_tokens)
             outcome.eval = scores
             mlflow.log_metrics(scores)
-            parity = parity_check(load_tokenizer(str(artifact)), tokenizer_tokens(serve_model_path or model_path),
+            parity = parity_check(load_tokenizer(str(artifact)), tokenizer_tokens(serve_model_path or model_path,
+                                                                            config.data.chat_template),
                                   config.eval.golden_prompts)
             outcome.parity = "passed" if parity.passed else "failed"
             mlflow.log_text(json.dumps({"passed": parity.passed, "mismatches": parity.mismatches}, indent=2), "parity.json")

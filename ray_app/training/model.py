@@ -5,6 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from ray_app.training.config import LoraSettings
+from ray_app.training.data import DatasetError
+
+
+def load_tokenizer(model_path: str, chat_template: str | None = None):
+    """The model's tokenizer; with ``chat_template`` (a shipped name or a file) rendering with that one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if chat_template is not None:
+        from ray_app.templates import template_path
+
+        tokenizer.chat_template = template_path(chat_template).read_text()
+    if tokenizer.chat_template is None:
+        raise DatasetError(f"{model_path}: the tokenizer has no chat template to render conversations with")
+    return tokenizer
 
 
 def load_for_training(model_path: str, method: str, lora: LoraSettings, device: str = "cpu"):

@@ -73,11 +73,11 @@ def run_search(config: TuneConfig) -> SearchResult:
         from mlflow.tracking import MlflowClient
 
         from ray_app.models.resolve import resolve_source
-        from ray_app.training.finetune import load_tokenizer
+        from ray_app.training.model import load_tokenizer
 
         run = MlflowClient(config.tracking_uri).get_run(best.metrics["run_id"])
 
-        tokenizer = load_tokenizer(resolve_source(config.base_model, config.paths))
+        tokenizer = load_tokenizer(resolve_source(config.base_model, config.paths), config.data.chat_template)
         tags = {"base_model": config.base_model, "base_serve_name": config.base_serve_name, "method": config.method,
                 "dataset_sha256": run.data.params.get("dataset_sha256", ""),
                 "chat_template_sha256": template_hash(tokenizer), "parity": best.metrics["parity"],

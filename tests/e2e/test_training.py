@@ -47,11 +47,13 @@ def trained(ray_cluster, overrides):
 def generate(model_path: str, adapter: str | None) -> str:
     from transformers import AutoTokenizer
 
+    from ray_app.training.data import Conversation
     from ray_app.training.evaluate import generate_answers
     from ray_app.training.model import load_adapted
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return generate_answers(load_adapted(model_path, adapter), tokenizer, [PROMPT + [{"role": "assistant", "content": ""}]], 12)[0]
+    conversation = Conversation(PROMPT + [{"role": "assistant", "content": ""}])
+    return generate_answers(load_adapted(model_path, adapter), tokenizer, [conversation], 12)[0]
 
 
 def test_lora_lowers_the_loss_and_changes_what_the_model_says(trained, data_dir):
@@ -116,6 +118,22 @@ def test_methods(ray_cluster, overrides, method, extra):
     assert result.metrics["step"] == 2 and result.metrics["val_loss"] < 13
     adapter = json.loads((result.artifact / "adapter_config.json").read_text())
     assert adapter["use_dora"] is (method == "dora") and adapter["r"] == 16
+
+
+def test_a_tool_calling_file_trains_with_the_template_the_model_is_served_with(ray_cluster, overrides):
+    from ray_app.templates import template_path
+
+    config = load(TrainConfig, "lora_tiny.yaml", overrides, **{
+        "name": "tiny-tools", "data.train": str(ROOT / "configs/train/data/tools.jsonl"),
+        "data.chat_template": "smollm2-tools", "data.max_seq_len": 512, "optim.max_steps": 6,
+        "checkpoint.every_steps": 3})
+    result = run_training(config, register=False)
+    assert result.metrics["step"] == 6
+    assert result.eval["adapter_loss"] < result.eval["base_loss"], result.eval
+    # the adapter carries the template it learned with, and the prompts render as the server renders them
+    assert result.parity == "passed"
+    saved = result.artifact / "chat_template.jinja"
+    assert saved.read_text().strip() == template_path("smollm2-tools").read_text().strip()
 
 
 def test_distillation_from_smollm2(ray_cluster, overrides):

@@ -162,6 +162,11 @@ async def test_a_local_job_is_queued_submitted_and_succeeds_with_a_servable_mode
     assert (config.name, config.base_model, config.serve_name, config.optim.epochs) == (
         spec.adapter, "tiny-llama", "small", 2)
     assert config.optim.learning_rate == pytest.approx(0.002) and config.tracking.register_model
+    assert config.data.chat_template is None  # "small" is served with the model's own template
+    # a model served with a tool-calling template is trained with that same template
+    from dataclasses import replace
+
+    assert train_config(replace(spec, chat_template="smollm2-tools")).data.chat_template == "smollm2-tools"
 
     # the job's process starts, reports a step, and finishes
     events, status = EventLog(spec.events_path), StatusFile(spec.status_path)

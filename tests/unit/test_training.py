@@ -14,6 +14,7 @@ from ray_app.serve.config import AdapterServeSettings
 from ray_app.training.config import TrainConfig
 from ray_app.training.data import (
     IGNORE,
+    Conversation,
     DatasetError,
     pack,
     prepare,
@@ -50,10 +51,11 @@ def test_both_formats_are_read_and_bad_lines_reported_with_their_numbers(tmp_pat
     ])
     examples = read_jsonl(path)
     assert len(examples.conversations) == 2
-    assert examples.conversations[1] == [{"role": "user", "content": "Translate\n\nchat"},
-                                         {"role": "assistant", "content": "cat"}]
+    assert examples.conversations[1].messages == [{"role": "user", "content": "Translate\n\nchat"},
+                                                  {"role": "assistant", "content": "cat"}]
     assert [(p.line, p.reason.split(":")[0]) for p in examples.problems] == [
-        (3, "not JSON"), (4, "no assistant message to learn from"), (5, "messages[0]"),
+        (3, "not JSON"), (4, "no assistant message to learn from"),
+        (5, "messages[0].role must be one of ['assistant', 'developer', 'system', 'tool', 'user']"),
         (6, "`instruction` must be a non-empty string"), (7, "neither `messages` (chat format) nor `instruction`/`output` (instruction format)")]
 
 
@@ -70,13 +72,83 @@ def test_only_assistant_tokens_carry_labels(tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
                 {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"},
                 {"role": "assistant", "content": "Rome."}]
-    row = tokenize_conversation(tokenizer, messages, max_seq_len=512)
+    row = tokenize_conversation(tokenizer, Conversation(messages), max_seq_len=512)
     labelled = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE])
     assert "Paris." in labelled and "Rome." in labelled
     assert "France" not in labelled and "Be brief" not in labelled and "Italy" not in labelled
     # the prompt a served model sees is exactly the training prefix of the first answer
     prompt = render_prompt(tokenizer, messages[:2])
     assert row["input_ids"][: len(prompt)] == prompt and all(label == IGNORE for label in row["labels"][: len(prompt)])
+
+
+@pytest.fixture(scope="module")
+def tools_tokenizer(data_dir):
+    from ray_app.training.model import load_tokenizer
+
+    return load_tokenizer(str(data_dir.model("tiny-llama")), "smollm2-tools")
+
+
+def labelled_text(tokenizer, row) -> str:
+    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE])
+
+
+def test_tool_calling_records_label_the_calls_and_answers_only(tools_tokenizer):
+    examples = read_jsonl(ROOT / "configs/train/data/tools.jsonl")
+    assert not examples.problems and len(examples.conversations) == 18
+    round_trip = examples.conversations[0]
+    assert [m["role"] for m in round_trip.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    # arguments arrive as JSON text (OpenAI's format) and are rendered as an object, as vLLM hands them
+    assert round_trip.messages[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "unit": "celsius"}
+    row = tokenize_conversation(tools_tokenizer, round_trip, max_seq_len=4096)
+    full = tools_tokenizer.decode(row["input_ids"])
+    labelled = labelled_text(tools_tokenizer, row)
+    assert '<tools>' in full and '"name": "get_order_status"' in full  # the tools are in the prompt...
+    assert "<tools>" not in labelled and "get_order_status" not in labelled  # ...and not learned
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>' in labelled
+    assert "It is 10 degrees celsius and clear in Paris." in labelled
+    assert "tool_response" not in labelled and '"sky": "clear"' not in labelled  # the tool's result is context
+    assert "What's the weather" not in labelled
+    # the prompt that precedes the call is what a served request with these tools renders
+    prompt = render_prompt(tools_tokenizer, round_trip.messages[:2], round_trip.tools)
+    assert row["input_ids"][: len(prompt)] == prompt
+    parallel = next(c for c in examples.conversations if len(c.messages[-1].get("tool_calls") or []) == 2)
+    assert labelled_text(tools_tokenizer, tokenize_conversation(tools_tokenizer, parallel, 4096)).count("<tool_call>") == 2
+    assert "Lima" in parallel.answer and "get_weather" in parallel.answer
+
+
+def test_a_weight_0_turn_is_context_and_bad_tool_records_are_reported(tmp_path, tools_tokenizer):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}
+    path = write_jsonl(tmp_path / "t.jsonl", [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "FIRST", "weight": 0},
+                      {"role": "user", "content": "b"}, {"role": "assistant", "content": "SECOND"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+            {"function": {"name": "f", "arguments": "{x"}}]}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"function": {}}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                      {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [call]}], "tools": "f"},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]},
+    ])
+    examples = read_jsonl(path)
+    assert [(p.line, p.reason) for p in examples.problems] == [
+        (2, "messages[1].tool_calls[0].function.arguments is not JSON"),
+        (3, "messages[1].tool_calls[0]: needs function.name"),
+        (4, "messages[0]: only text content parts can be trained on"),
+        (5, '`tools` must be a list of {"type": "function", "function": {"name": ...}}'),
+        (6, "no assistant message to learn from")]
+    labelled = labelled_text(tools_tokenizer, tokenize_conversation(tools_tokenizer, examples.conversations[0], 512))
+    assert "SECOND" in labelled and "FIRST" not in labelled
+
+
+def test_uploads_are_checked_by_the_trainers_own_parser():
+    from ray_app.fine_tuning.files import check_training_lines
+
+    data = (ROOT / "configs/train/data/tools.jsonl").read_bytes()
+    assert check_training_lines(data) == (18, [])
+    bad = b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]}\n'
+    usable, problems = check_training_lines(data + bad)
+    assert usable == 18 and [(p.line, p.problem) for p in problems] == [
+        (19, "messages[1].tool_calls[0].function.arguments must be a JSON object")]
 
 
 def test_packing_fills_blocks_and_split_holds_out(tmp_path, tokenizer):
