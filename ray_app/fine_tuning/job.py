@@ -4,7 +4,9 @@ The API's ``RayJobRunner`` starts it as a Ray job on the server's cluster. It tu
 into a ``TrainConfig`` (the Serve config's fine-tuning template, with the job's base model, file,
 epochs, batch size and learning rate), runs ``ray_app.training``'s Ray Train code (tracked in MLflow,
 evaluated, parity-checked, registered), promotes the new version to its line's champion so
-``<base>:<adapter>`` answers at once, and writes its events and final status into its folder.
+``<base>:<adapter>`` answers at once, and writes its events and final status into its folder. The
+work itself runs in a task on the cluster's workers (``cluster.in_cluster``): the job's own process,
+in a session of its own, gets almost no CPU beside a busy server.
 """
 
 from __future__ import annotations
@@ -47,6 +49,22 @@ def train_config(spec: JobSpec):
     return TrainConfig.model_validate(document)
 
 
+def train_and_promote(config, spec: JobSpec, events: EventLog):
+    """Train, register and (with ``promote``) make the new version its line's champion: one piece of
+    work that runs in the cluster's workers (``in_cluster``), MLflow included."""
+    from ray_app.training.finetune import run_training
+    from ray_app.training.registry import AdapterRegistry
+
+    result = run_training(config, events=events)
+    if spec.promote and result.version is not None:
+        forced = result.parity != "passed"
+        AdapterRegistry(config.tracking_uri).promote(spec.adapter, result.version, force=forced)
+        events.add(f"Version {result.version} of {spec.adapter} promoted to champion"
+                   + (" (parity check did not pass)" if forced else ""),
+                   level="warn" if forced else "info", data={"version": result.version, "parity": result.parity})
+    return result
+
+
 def main(spec_path: str) -> int:
     spec = JobSpec.load(spec_path)
     events, status = EventLog(spec.events_path), StatusFile(spec.status_path)
@@ -54,26 +72,18 @@ def main(spec_path: str) -> int:
     events.add("Fine-tuning job started")
     fine_tuned = f"{spec.base_model}:{spec.adapter}"
     try:
+        from ray_app.cluster import in_cluster
         from ray_app.training.data import DatasetError
-        from ray_app.training.finetune import run_training
-        from ray_app.training.registry import AdapterRegistry
 
         config = train_config(spec)
         try:
-            result = run_training(config, events=events)
+            result = in_cluster(train_and_promote, config, spec, events)
         except DatasetError as e:
             events.add(f"The training file cannot be trained on: {e}", level="error")
             status.write("failed", error={"code": "invalid_training_file", "message": str(e)[:1000],
                                           "param": "training_file"})
             return 2
         tokens = result.trained_tokens
-        if spec.promote and result.version is not None:
-            registry = AdapterRegistry(config.tracking_uri)
-            forced = result.parity != "passed"
-            registry.promote(spec.adapter, result.version, force=forced)
-            events.add(f"Version {result.version} of {spec.adapter} promoted to champion"
-                       + (" (parity check did not pass)" if forced else ""),
-                       level="warn" if forced else "info", data={"version": result.version, "parity": result.parity})
         events.add(f"New fine-tuned model created: {fine_tuned}", data={"fine_tuned_model": fine_tuned})
         events.add("The job has successfully completed")
         status.write("succeeded", fine_tuned_model=fine_tuned, trained_tokens=tokens,

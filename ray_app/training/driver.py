@@ -22,6 +22,7 @@ def train_main(config_cls, doc: str, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prepare_driver_env()  # before anything imports Ray
 
+    from ray_app.cluster import in_cluster
     from ray_app.schema import ConfigError, parse_overrides
     from ray_app.training.data import DatasetError
     from ray_app.training.finetune import run_training
@@ -29,7 +30,7 @@ def train_main(config_cls, doc: str, argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.set) | ({"data_dir": args.data_dir} if args.data_dir else {})
         config = config_cls.load(args.config, overrides)
-        result = run_training(config, register=False if args.no_register else None)
+        result = in_cluster(run_training, config, register=False if args.no_register else None)
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -136,6 +136,27 @@ def test_a_tool_calling_file_trains_with_the_template_the_model_is_served_with(r
     assert saved.read_text().strip() == template_path("smollm2-tools").read_text().strip()
 
 
+def _where(fail: bool) -> tuple[int, int]:
+    if fail:
+        from ray_app.training.data import DatasetError
+
+        raise DatasetError("line 3: no assistant message")
+    import ray
+
+    return os.getpid(), ray.get_runtime_context().get_task_id() is not None
+
+
+def test_a_jobs_work_runs_in_the_clusters_workers_and_its_errors_arrive_unwrapped(ray_cluster):
+    from ray_app.cluster import in_cluster
+    from ray_app.training.data import DatasetError
+
+    pid, in_a_task = in_cluster(_where, False)
+    assert pid != os.getpid() and in_a_task  # a Ray worker's task, not this process
+    with pytest.raises(DatasetError) as failure:
+        in_cluster(_where, True)
+    assert type(failure.value) is DatasetError and str(failure.value) == "line 3: no assistant message"
+
+
 def test_distillation_from_smollm2(ray_cluster, overrides):
     config = load(DistillConfig, "distill_tiny.yaml", overrides, **{"optim.max_steps": 2, "checkpoint.every_steps": 2})
     result = run_training(config, register=False, evaluate_result=False)
