@@ -240,7 +240,9 @@ def error_response(error: APIError) -> JSONResponse:
 
 
 def _validation_param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    # a union's members appear in the location by their type's name ("constrained-str", "list[str]"):
+    # the parameter is the fields and indices only
+    parts = [str(p) for p in loc if p not in ("body", "query", "path") and (isinstance(p, int) or p.isidentifier())]
     return ".".join(parts) or None
 
 

@@ -11,12 +11,14 @@ errors included), ``KeyAuth`` (on the headers alone: no body is read for a calle
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 from typing import Annotated, AsyncIterator, Awaitable, Callable
 
-from fastapi import Depends, FastAPI, File, Form, Query, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from pydantic import Field
+from pydantic import Field, ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ray_app.accounting.ledger import Ledger
@@ -28,6 +30,7 @@ from ray_app.sensitivity import Sensitivity
 from ray_app.serve.auth import Auth, Caller, KeyAuth, caller_of
 from ray_app.serve.config import GatewayConfig
 from ray_app.serve.errors import BodySizeLimit, InvalidRequestError, NotFoundError, install_error_handlers
+from ray_app.serve import public
 from ray_app.serve.openai_api import OpenAIService, WithHeaders
 from ray_app.serve.protocol import (
     ChatCompletionRequest,
@@ -42,6 +45,36 @@ CallerDep = Annotated[Caller, Depends(caller_of)]
 # chat and text completions answer JSON, or server-sent events when the request says `stream: true`
 _STREAMING = {200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
                     "description": "The completion, or with `stream: true` its chunks as server-sent events."}}
+
+
+def _json_body(model) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _json_number(text: str) -> int | float:
+    # JSON Schema's integer includes 5.0; pydantic's strict int does not: hand it an int
+    value = float(text)
+    return int(value) if value.is_integer() and abs(value) < 2 ** 63 else value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _engine_request(engine, request: Request):
+    """The body checked against the public schema as the schema reads, strictly (``"1"`` is not a
+    number, nested objects included: FastAPI's own body parsing is lax), then built as vLLM's
+    request; what either refuses is a 400."""
+    try:
+        data = json.loads(await request.body(), parse_float=_json_number, parse_constant=_no_constant)
+    except ValueError as e:  # JSONDecodeError, bad UTF-8, NaN
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": f"invalid JSON: {e}",
+                                       "input": None}]) from None
+    try:
+        return engine.from_client(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
 
 
 @dataclass
@@ -108,13 +141,14 @@ def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[]
     async def get_model(model: str) -> ModelCard:
         return await service.get_model(model)
 
-    @app.post("/v1/chat/completions", responses=_STREAMING)
-    async def chat_completions(body: ChatCompletionRequest, caller: CallerDep) -> Response:
+    @app.post("/v1/chat/completions", responses=_STREAMING, openapi_extra=_json_body(public.ChatCompletionRequest))
+    async def chat_completions(request: Request, caller: CallerDep) -> Response:
+        body = await _engine_request(ChatCompletionRequest, request)
         return _respond(await service.chat(body, caller))
 
-    @app.post("/v1/completions", responses=_STREAMING)
-    async def completions(body: CompletionRequest, caller: CallerDep) -> Response:
-        return _respond(await service.completions(body, caller))
+    @app.post("/v1/completions", responses=_STREAMING, openapi_extra=_json_body(public.CompletionRequest))
+    async def completions(request: Request, caller: CallerDep) -> Response:
+        return _respond(await service.completions(await _engine_request(CompletionRequest, request), caller))
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(body: EmbeddingRequest, caller: CallerDep) -> Response:
@@ -188,4 +222,47 @@ def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[]
             body["targets"] = report.targets
         return JSONResponse(body, status_code=200 if report.ready else 503)
 
+    app.openapi = lambda: app.openapi_schema or _openapi(app, service.recorder.config.max_n)
     return app
+
+
+class ErrorBody(Strict):
+    message: str
+    type: str
+    param: str | None
+    code: str | int | None
+
+
+class ErrorResponse(Strict):
+    """Every error, in OpenAI's format."""
+
+    error: ErrorBody
+
+
+def _openapi(app: FastAPI, max_n: int) -> dict:
+    """FastAPI's schema, saying what this API answers: invalid input is a 400 in OpenAI's error format
+    (FastAPI would say 422 with its own shape), every other error too, by status; ``n`` up to this
+    server's limit (a key's or a route's own caps, where set, are lower)."""
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    components |= components["ErrorResponse"].pop("$defs", {})
+    for model in (public.ChatCompletionRequest, public.CompletionRequest):  # bodies the routes validate themselves
+        body = components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components |= body.pop("$defs", {})
+        n = body["properties"]["n"]
+        next(s for s in n.get("anyOf", [n]) if s.get("type") == "integer")["maximum"] = max_n
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            if responses.pop("422", None) is not None or "requestBody" in operation:
+                responses["400"] = {"description": "Invalid request", **error}
+            responses["default"] = {"description": "An error (401 key, 404 not found, 413 too large, 429 rate or "
+                                                   "budget, 503 unavailable, ...)", **error}
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    app.openapi_schema = schema
+    return schema
