@@ -19,6 +19,7 @@ from ray.serve.llm.openai_api_models import CompletionRequest as _EngineCompleti
 from ray_app.serve import public
 from ray_app.serve.internals import EngineErrorResponse  # what a replica yields for an engine error
 
+
 class _RobustValidation:
     """vLLM's request models run validators that assume their input's shape (``for msg in messages``
     on a null ``messages``): what they raise is a bad request (400), not a server error."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from ray_app.documents.retrieval import RetrievalOptions
 
@@ -98,7 +98,7 @@ class Tool(_Part):
 
 
 class NamedFunction(_Part):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class NamedToolChoice(_Part):
@@ -175,6 +175,13 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(0, ge=0, le=MAX_TOKENS, description="At least this many tokens before a stop (vLLM).")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token (vLLM).")
     return_token_ids: bool | None = Field(None, description="Also return the prompt's and the answer's token ids.")
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        # as the schema says (vLLM's own check lets an empty object through)
+        if self.stream_options is not None and self.stream is not True:
+            raise ValueError("stream_options can only be set with `stream: true`")
+        return self
 
 
 class ChatCompletionRequest(_Sampling):
