@@ -43,6 +43,7 @@ class ImagePart(_Part):
 
 
 Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI's rule for function and schema names
 Text = Union[Annotated[str, Field(max_length=_TEXT)], Annotated[list[TextPart], Field(min_length=1)]]
 
 
@@ -86,7 +87,7 @@ Message = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMess
 
 
 class FunctionDefinition(_Part):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: Name
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="The arguments' JSON Schema.")
     strict: bool | None = None
@@ -98,7 +99,7 @@ class Tool(_Part):
 
 
 class NamedFunction(_Part):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: Name
 
 
 class NamedToolChoice(_Part):
@@ -107,7 +108,7 @@ class NamedToolChoice(_Part):
 
 
 class JSONSchemaFormat(_Part):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: Name
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None

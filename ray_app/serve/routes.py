@@ -143,8 +143,7 @@ def build_api(service: OpenAIService, config: GatewayConfig, health: Callable[[]
 
     @app.post("/v1/chat/completions", responses=_STREAMING, openapi_extra=_json_body(public.ChatCompletionRequest))
     async def chat_completions(request: Request, caller: CallerDep) -> Response:
-        body = await _engine_request(ChatCompletionRequest, request)
-        return _respond(await service.chat(body, caller))
+        return _respond(await service.chat(await _engine_request(ChatCompletionRequest, request), caller))
 
     @app.post("/v1/completions", responses=_STREAMING, openapi_extra=_json_body(public.CompletionRequest))
     async def completions(request: Request, caller: CallerDep) -> Response:
@@ -247,13 +246,12 @@ def _openapi(app: FastAPI, max_n: int) -> dict:
 
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
-    components |= components["ErrorResponse"].pop("$defs", {})
-    for model in (public.ChatCompletionRequest, public.CompletionRequest):  # bodies the routes validate themselves
+    # the error object, and the bodies the routes validate themselves
+    for model in (ErrorResponse, public.ChatCompletionRequest, public.CompletionRequest):
         body = components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components |= body.pop("$defs", {})
-        n = body["properties"]["n"]
-        next(s for s in n.get("anyOf", [n]) if s.get("type") == "integer")["maximum"] = max_n
+        if n := body["properties"].get("n"):
+            next(s for s in n.get("anyOf", [n]) if s.get("type") == "integer")["maximum"] = max_n
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
