@@ -75,6 +75,10 @@ def app_args(model: str, router: dict, ledger: str, smoke: bool) -> dict:
                          "engine_kwargs": {"dtype": "float32", "enforce_eager": True, "max_model_len": 512},
                          "replicas": {"num_replicas": 1, "max_ongoing_requests": 64}}]
     args["llms"] = [m for m in args["llms"] if m["name"] == model]
+    # The gateway as a deployment of its own, which outlives the LLM replica killed here: what is measured
+    # is how it answers while the model is gone. Hosted in that replica (the shipped `host_llm`), the
+    # gateway would go down with it, and HAProxy would refuse its requests until the replica is back.
+    args["gateway"]["host_llm"] = None
     args["router"]["config"] = router
     args["auth"] = {"mode": "open", "ledger_path": ledger, "default_rpm": 100_000, "default_tpm": 100_000_000}
     args["gateway"]["status_poll_interval_s"] = 0.5

@@ -153,6 +153,12 @@ class RawVLLM:
                     "--max-model-len", str(kwargs.get("max_model_len", 2048)), "--disable-uvicorn-access-log"]
         if kwargs.get("enforce_eager"):
             self.cmd.append("--enforce-eager")
+        if llm.get("adapters"):  # LoRA layers in every forward pass, adapter or not: the same engine as ours
+            from ray_app.serve.config import AdapterServeSettings
+
+            adapters = AdapterServeSettings.model_validate(llm["adapters"])
+            self.cmd += ["--enable-lora", "--max-loras", str(adapters.max_per_replica),
+                         "--max-lora-rank", str(adapters.max_rank)]
         if llm.get("tools"):  # the same tool calling as ours: the parser runs on every streamed token
             from ray_app.serve.config import ToolCallingSettings
 

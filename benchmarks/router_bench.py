@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, write_results  # noqa: E402
 from benchmarks.load import PROMPT, PROMPT_WORDS, OnServe, run_level, wait_ready  # noqa: E402
+from ray_app.serve import SERVING_ENV  # noqa: E402
 
 PROMPTS = {
     "short chat": "What is a good name for a cat?",
@@ -118,6 +119,7 @@ def bench_app(smoke: bool) -> tuple[dict, dict | None, str]:
     else:
         app_args["llms"] = app_args["llms"][:1]
     app_args["router"]["config"] = router
+    app_args["gateway"]["host_llm"] = app_args["llms"][0]["name"]  # as shipped: the gateway in the LLM's replica
     return app_args, application.get("runtime_env"), app_args["llms"][0]["name"]
 
 
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     output_tokens = args.output_tokens or (8 if args.smoke else 32)
     rounds_n = args.rounds or (1 if args.smoke else 3)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    for key, value in SERVING_ENV.items():  # the README's serving mode, for a cluster this script starts
+        os.environ.setdefault(key, value)
 
     app_args, runtime_env, model = bench_app(args.smoke)
     report: dict = {"benchmark": "router_bench", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),

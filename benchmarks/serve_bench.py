@@ -1,18 +1,24 @@
-"""Serving benchmark: our OpenAI endpoint (Gateway -> ray.serve.llm LLMServer -> vLLM) against
-``vllm serve`` (vLLM's own OpenAI server) on the same model and engine settings, in the same run.
+"""Serving benchmark: our OpenAI endpoint against ``vllm serve`` (vLLM's own OpenAI server) on the same
+model and engine settings (dtype, context, LoRA and tool-calling flags), in the same run.
 
 Concurrent streaming chat clients send a fixed prompt and read a fixed number of output tokens
 (``ignore_eos``). Reported per concurrency level: output tokens/s, time to first token (TTFT) p50/p99,
 inter-token latency (ITL, gaps between streamed tokens) p50/p99, and each target's ratios to raw.
 
-Targets: ``ours`` (the shipped app's LLM path), ``raw`` (``vllm serve``), ``serve-llm`` (Ray Serve LLM's
-own OpenAI app on the same ``LLMConfig``, no gateway of ours: with ``--ray-env
-RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1`` its LLMServer is the HTTP ingress,
-Ray's "direct streaming"). ``--stream-batching-ms`` sets ``stream_batching_interval_ms`` on ``ours``.
+Targets:
+  ours       the shipped app (its gateway runs in the LLM's replica: ``gateway.host_llm``)
+  ours-hop   the same app with the gateway as a deployment of its own (every token crosses a handle)
+  raw        ``vllm serve``
+  serve-llm  Ray Serve LLM's own OpenAI app on the same ``LLMConfig``; with
+             ``--ray-env RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1`` its LLMServer is the HTTP ingress (Ray's
+             "direct streaming"; with adapters it also needs RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1)
 
-    python benchmarks/serve_bench.py                      # SmolLM2, 1, 8 and 32 clients, ours and raw
-    python benchmarks/serve_bench.py --concurrency 8 32 --targets ours serve-llm raw --tag direct \
-        --ray-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1
+The Ray cluster this script starts gets the README's serving environment (``ray_app.serve.SERVING_ENV``:
+throughput mode, HAProxy) plus ``--ray-env``. ``--without-adapters`` serves the model without LoRA on
+both sides; ``--stream-batching-ms`` sets ``stream_batching_interval_ms`` on ours.
+
+    python benchmarks/serve_bench.py                      # SmolLM2, 8 and 32 clients, ours and raw
+    python benchmarks/serve_bench.py --targets ours ours-hop raw --tag paths
     python benchmarks/serve_bench.py --smoke --port PORT  # tiny model, seconds, on a running cluster (tests)
 
 Writes benchmarks/results/serve_bench.json and serve_bench.png (``_smoke``, ``_<tag>``).
@@ -45,9 +51,12 @@ from benchmarks.load import (  # noqa: E402
     run_level,
     wait_ready,
 )
+from ray_app.serve import SERVING_ENV  # noqa: E402
 
-LABELS = {"ours": "ray_app gateway", "raw": "vllm serve", "serve-llm": "Ray Serve LLM app"}
-STYLES = {"ours": ("o-", "tab:blue"), "raw": ("s--", "tab:orange"), "serve-llm": ("^-.", "tab:green")}
+LABELS = {"ours": "ray_app (gateway in the LLM replica)", "ours-hop": "ray_app (gateway deployment)",
+          "raw": "vllm serve", "serve-llm": "Ray Serve LLM app"}
+STYLES = {"ours": ("o-", "tab:blue"), "ours-hop": ("v:", "tab:purple"), "raw": ("s--", "tab:orange"),
+          "serve-llm": ("^-.", "tab:green")}
 
 
 class ServeLLMApp:
@@ -116,15 +125,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default=str(ROOT / "serve_config.yaml"), help="Serve config to benchmark")
     parser.add_argument("--model", default=None, help="LLM name in the config (default: its first LLM)")
     parser.add_argument("--smoke", action="store_true", help="the tiny model, 2 clients, 1 round: seconds (tests)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 8 32; smoke 2")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 8 32; smoke 2")
     parser.add_argument("--requests-per-client", type=int, default=None,
                         help="requests each client sends (default: 8 at 1 client, 4 at 8, 2 at 32)")
     parser.add_argument("--output-tokens", type=int, default=None, help="default 64; smoke 8")
     parser.add_argument("--targets", nargs="+", choices=list(LABELS), default=["raw", "ours"])
     parser.add_argument("--stream-batching-ms", type=float, default=None,
                         help="override the LLM's stream_batching_interval_ms for `ours`")
-    parser.add_argument("--ray-env", nargs="*", default=["RAY_SERVE_THROUGHPUT_OPTIMIZED=1"], metavar="KEY=VALUE",
-                        help="environment for the Ray cluster this script starts (default: the README's serving mode)")
+    parser.add_argument("--without-adapters", action="store_true",
+                        help="serve the model without LoRA (ours drops `adapters`, raw gets no LoRA flags)")
+    parser.add_argument("--ray-env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="environment for the Ray cluster this script starts, beside the README's serving mode")
     parser.add_argument("--port", type=int, default=None,
                         help="deploy on the Ray cluster this process is connected to, whose proxy listens here")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds, medians reported (default 3)")
@@ -132,7 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tag", default="", help="suffix for the result files")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    concurrency = args.concurrency or ([2] if args.smoke else [1, 8, 32])
+    # before Ray is imported: Serve reads these when its modules load (the cluster's processes inherit them)
+    ray_env = SERVING_ENV | dict(kv.split("=", 1) for kv in args.ray_env)
+    os.environ.update(ray_env)
+    concurrency = args.concurrency or ([2] if args.smoke else [8, 32])
     output_tokens = args.output_tokens or (8 if args.smoke else 64)
     rounds_n = args.rounds or (1 if args.smoke else 3)
     settle_s = args.settle_s if args.settle_s is not None else (0.0 if args.smoke else 15.0)
@@ -149,21 +163,22 @@ def main(argv: list[str] | None = None) -> dict:
         from tests.e2e.conftest import TINY
 
         app_args["llms"] = [copy.deepcopy(TINY)]
-    config = AppConfig.load(app_args)
-    llm = next(m for m in config.llms if (args.model or config.llms[0].name) == m.name)
-    app_args["llms"] = [m for m in app_args["llms"] if m["name"] == llm.name]
-    # the benchmark measures the LLM path only
+    name = args.model or app_args["llms"][0]["name"]
+    app_args["llms"] = [m for m in app_args["llms"] if m["name"] == name]
+    # the benchmark measures the LLM path only, the gateway in the measured model's replicas
     app_args |= {"embedders": [], "ocr": None, "knowledge": None, "fine_tuning": None, "router": None}
+    app_args["gateway"]["host_llm"] = name
+    if args.without_adapters:
+        app_args["llms"][0].pop("adapters", None)
     if args.stream_batching_ms is not None:
         app_args["llms"][0]["stream_batching_interval_ms"] = args.stream_batching_ms
-    ray_env = dict(kv.split("=", 1) for kv in args.ray_env or [])
-    os.environ.update(ray_env)  # inherited by the local Ray cluster this script starts
-    model_path = resolve_sources(config)[llm.name]
+    llm = AppConfig.load(app_args).llms[0]
+    model_path = resolve_sources(AppConfig.load(app_args))[llm.name]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     per_client = {1: 8, 8: 4, 32: 2}
     report = {
         "benchmark": "serve_bench", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
-        "settings": {"model": llm.name, "engine_kwargs": llm.engine_kwargs,
+        "settings": {"model": llm.name, "engine_kwargs": llm.engine_kwargs, "adapters": llm.adapters is not None,
                      "prompt_tokens": count_prompt_tokens(tokenizer, PROMPT), "output_tokens": output_tokens,
                      "stream_batching_interval_ms": app_args["llms"][0].get("stream_batching_interval_ms"),
                      "ray_env": ray_env, "rounds": rounds_n, "smoke": args.smoke},
@@ -178,11 +193,15 @@ def main(argv: list[str] | None = None) -> dict:
         for target in args.targets:
             print(f"== {target}: starting ({LABELS[target]})", flush=True)
             if target == "raw":
-                raw_llm = next(m for m in app_args["llms"] if m["name"] == llm.name)
-                runners[target] = stack.enter_context(RawVLLM(llm.name, model_path, raw_llm,
+                runners[target] = stack.enter_context(RawVLLM(llm.name, model_path, app_args["llms"][0],
                                                               Path(args.out) / "vllm_serve.log"))
             elif target == "serve-llm":
                 runners[target] = stack.enter_context(ServeLLMApp(llm, model_path, ours.port))
+            elif target == "ours-hop":
+                hop = copy.deepcopy(app_args)
+                hop["gateway"]["host_llm"] = None
+                runners[target] = stack.enter_context(OnServe(hop, "serve_bench_hop", application.get("runtime_env"),
+                                                              port=ours.port))
             else:
                 runners[target] = ours
             wait_ready(runners[target].base_url, llm.name)

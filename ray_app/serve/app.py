@@ -2,7 +2,8 @@
 
 It validates the whole config (schema, model sources, engine arguments) before any deployment is
 created or any weights load, reports every problem at once, then composes the deployments the
-config asks for and binds them into the ``Gateway``.
+config asks for and binds them into the gateway: a deployment of its own, or the replicas of the LLM
+named by ``gateway.host_llm``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ray_app.documents.config import OCRConfig
 from ray_app.models.resolve import ModelSourceError, resolve_source
 from ray_app.serve.config import AppConfig, ConfigError, LLMConfigModel
 from ray_app.serve.embedder import build_embedder_deployment
-from ray_app.serve.gateway import Gateway
+from ray_app.serve.gateway import GatewayDeployment, LLMGatewayDeployment
 from ray_app.serve.knowledge import build_knowledge_deployment
 from ray_app.serve.llm import build_llm_app
 from ray_app.serve.ocr import build_ocr_deployment
@@ -101,7 +102,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "fine_tuning": None if fine_tuning is None else config.fine_tuning.model_copy(
             update={"config": fine_tuning.model_dump(mode="json")}),
     })
-    llms = {m.name: build_llm_app(m, sources[m.name], str(config.paths.root)) for m in config.llms}
+    host = config.gateway.host_llm
+    llms = {m.name: build_llm_app(m, sources[m.name], str(config.paths.root)) for m in config.llms if m.name != host}
     embedders = {e.name: build_embedder_deployment(e, sources[e.name]) for e in config.embedders}
     ocr = build_ocr_deployment(config.ocr) if config.ocr is not None else None
     knowledge = None
@@ -115,9 +117,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if router_config is not None:
         router = (serve.deployment(CloudProviders).options(name="Router", **config.router.replicas.serve_options())
                   .bind(router_config))
-    gateway = serve.deployment(Gateway).options(name="Gateway", **config.gateway.replicas.serve_options())
-    return gateway.bind(config=config, llms=llms, embedders=embedders, cards=model_cards(config, sources),
-                        knowledge=knowledge, ocr=ocr, router=router)
+    parts = {"config": config, "llms": llms, "embedders": embedders, "cards": model_cards(config, sources),
+             "knowledge": knowledge, "ocr": ocr, "router": router}
+    if host is not None:
+        model = next(m for m in config.llms if m.name == host)
+        return build_llm_app(model, sources[host], str(config.paths.root), serve.ingress()(LLMGatewayDeployment),
+                             **parts)
+    gateway = serve.deployment(GatewayDeployment).options(name="Gateway", **config.gateway.replicas.serve_options())
+    return gateway.bind(**parts)
 
 
 def load_router_config(config: AppConfig):

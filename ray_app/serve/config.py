@@ -87,7 +87,14 @@ class GatewayConfig(Strict):
     console: bool = Field(True, description="Serve the web console at /ui (static files; the API's keys apply).")
     dashboard_url: str | None = Field(
         None, description="The Ray dashboard the console links to; default: port 8265 of the host serving the console.")
-    replicas: ReplicaSettings = Field(default_factory=lambda: ReplicaSettings(num_cpus=0.25))
+    host_llm: str | None = Field(
+        None, description="An `llms` name whose replicas host the gateway: that model's requests are served in "
+                          "the process that runs its engine, with no hop between deployments (as `vllm serve` "
+                          "serves them); the gateway then scales and restarts with that model's replicas. "
+                          "Unset: the gateway is a deployment of its own and every model is a handle call away.")
+    replicas: ReplicaSettings = Field(
+        default_factory=lambda: ReplicaSettings(num_cpus=0.25),
+        description="The gateway's own deployment (not used with `host_llm`: the hosting model's replicas serve).")
 
 
 class AdapterServeSettings(Strict):
@@ -301,6 +308,13 @@ class AppConfig(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique across llms and embedders; repeated: {duplicates}")
+        if (host := self.gateway.host_llm) is not None:
+            if host not in {m.name for m in self.llms}:
+                raise ValueError(f"gateway.host_llm {host!r} is not one of the configured llms "
+                                 f"{[m.name for m in self.llms]}")
+            if "replicas" in self.gateway.model_fields_set:
+                raise ValueError(f"gateway.replicas does not apply with gateway.host_llm: the gateway runs in the "
+                                 f"replicas of {host!r} (set them under its `llms` entry)")
         if self.knowledge is not None and self.knowledge.embedder not in {e.name for e in self.embedders}:
             raise ValueError(f"knowledge.embedder {self.knowledge.embedder!r} is not one of the configured "
                              f"embedders {[e.name for e in self.embedders]}")

@@ -1,16 +1,17 @@
-"""The ``Gateway`` deployment: the Serve ingress that hosts the OpenAI routes.
+"""The gateway: what serves the OpenAI routes, and the two Serve deployments that host it.
 
-It is thin on purpose: it wraps the DeploymentHandles it is given as the backends of an
-``OpenAIService`` (every call with a deadline, so a stuck replica cannot hang a request), builds the
-one ``SpendRecorder`` and ``Auth`` over the ledger, and serves the FastAPI app that
-``routes.build_api`` builds over them.
+``Gateway`` wires the collaborators once: it wraps the DeploymentHandles it is given as the backends of
+an ``OpenAIService`` (every call with a deadline, so a stuck replica cannot hang a request), builds the
+one ``SpendRecorder`` and ``Auth`` over the ledger, and serves the FastAPI app that ``routes.build_api``
+builds over them. ``GatewayDeployment`` hosts it on its own; ``LLMGatewayDeployment`` hosts it inside
+an LLM replica (``gateway.host_llm``), where the hosted model is called in-process (``InProcessLLM``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -25,12 +26,15 @@ from ray_app.router.service import RouterService
 from ray_app.serve.adapters import catalog_for
 from ray_app.serve.auth import Auth
 from ray_app.serve.config import AppConfig
+from ray_app.serve.dispatch import LLMBackend
 from ray_app.serve.documents_api import DocumentsService
 from ray_app.serve.errors import UpstreamTimeoutError
+from ray_app.serve.internals import sanitize_chat_request
+from ray_app.serve.llm import LLMDeployment
 from ray_app.serve.openai_api import OpenAIService
 from ray_app.serve.protocol import ModelCard
 from ray_app.serve.routes import HealthReport, build_api
-from ray_app.serve.serve_status import ServeStatusReader, health_from_status, sanitize_for_handle
+from ray_app.serve.serve_status import ServeStatusReader, health_from_status
 from ray_app.serve.system import system_status
 
 logger = logging.getLogger("ray_app.gateway")
@@ -53,7 +57,7 @@ class HandleLLM:
         self._handle = handle.options(stream=True)
 
     def chat(self, request):
-        return self._for(request.model).chat.remote(sanitize_for_handle(request))
+        return self._for(request.model).chat.remote(sanitize_chat_request(request))
 
     def completions(self, request):
         return self._for(request.model).completions.remote(request)
@@ -141,13 +145,71 @@ class HandleOCR:
         return await within(self._handle.recognize.remote(filename, data), self._timeout_s, "OCR")
 
 
-@serve.ingress()
+class InProcessStream:
+    """An ``LLMStream`` over a call into the LLMServer of this very process: what a handle call would
+    return, without the hop. ``cancel`` closes the engine's generator, which aborts its request."""
+
+    def __init__(self, start):
+        self._start = start  # a coroutine: LLMServer.chat/completions return their generator when awaited
+        self._started = False
+        self._items = None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._items is None:
+            self._started = True
+            self._items = await self._start
+        return await anext(self._items)
+
+    def cancel(self) -> None:
+        if not self._started:
+            self._start.close()  # never awaited: nothing reached the engine
+        elif self._items is not None:
+            asyncio.get_running_loop().create_task(_close(self._items))
+        # else the task awaiting the call is being cancelled, and that cancellation reaches the engine
+
+
+async def _close(items) -> None:
+    try:
+        await items.aclose()
+    except RuntimeError:  # still running in a task that is being cancelled: that cancellation aborts it
+        pass
+
+
+class InProcessLLM:
+    """An ``LLMBackend`` over the ``LLMServer`` this gateway shares its process with: the hosted model's
+    requests and tokens never leave the replica. A pinned adapter id is loaded on this replica first."""
+
+    def __init__(self, server, model: str):
+        self._server, self._model = server, model
+
+    def chat(self, request):
+        return InProcessStream(self._call(self._server.chat, request))
+
+    def completions(self, request):
+        return InProcessStream(self._call(self._server.completions, request))
+
+    async def _call(self, method, request):
+        if request.model != self._model:
+            from ray_app.serve.internals import load_adapter
+
+            await load_adapter(self._server, request.model)
+        return await method(request)
+
+
 class Gateway:
-    def __init__(self, *, config: AppConfig, llms: dict[str, DeploymentHandle],
+    """Everything behind the OpenAI routes, wired once: keys and the ledger, the spend recorder, the
+    router's decision, Serve's status, fine-tuning jobs, and the FastAPI app over them. Plain: the two
+    Serve deployments below host it, one on its own and one inside an LLM replica."""
+
+    def __init__(self, *, config: AppConfig, app_name: str, deployment: str, llms: dict[str, LLMBackend],
+                 engine_queues: dict[str, Callable[[], Awaitable[int]]], deployments: dict[str, str],
                  embedders: dict[str, DeploymentHandle], cards: dict[str, ModelCard],
                  knowledge: DeploymentHandle | None = None, ocr: DeploymentHandle | None = None,
                  router: DeploymentHandle | None = None):
-        self.config = config
+        self.config, self.deployment = config, deployment
         gw = config.gateway
         ledger_path = config.auth.ledger_file(config.paths)
         windows = RateWindows(config.auth.default_rpm, config.auth.default_tpm)
@@ -162,13 +224,13 @@ class Gateway:
                     for m in config.llms + config.embedders}
         recorder = SpendRecorder(config.auth, self.ledger, local_rates=router_config.local_rates() if router_config
                                  else {}, cloud_prices=cloud_prices, replicas=replicas, windows=windows)
-        watched = {name: h.deployment_name for name, h in (llms | embedders).items()}
+        watched = deployments | {name: h.deployment_name for name, h in embedders.items()}
         if router is not None:
             watched["router"] = router.deployment_name
-        self.status = ServeStatusReader(serve.get_replica_context().app_name, config, watched)
-        self._llm_handles = llms
+        self.status = ServeStatusReader(app_name, config, watched)
+        self._engine_queues = engine_queues
         self.service = OpenAIService(
-            llms={name: HandleLLM(h) for name, h in llms.items()},
+            llms=llms,
             embedders={name: HandleEmbedder(h, gw.backend_timeout_s) for name, h in embedders.items()},
             cards=cards,
             recorder=recorder,
@@ -234,8 +296,9 @@ class Gateway:
         async def models() -> list[dict]:
             return [card.model_dump() for card in (await self.service.list_models()).data]
 
-        queues = {name: h.num_unfinished_requests.remote for name, h in self._llm_handles.items()}
-        return await system_status(models, queues) | {"dashboard_url": self.config.gateway.dashboard_url}
+        return await system_status(models, self._engine_queues) | {
+            "dashboard_url": self.config.gateway.dashboard_url,
+            "gateway": {"deployment": self.deployment, "host_llm": self.config.gateway.host_llm}}
 
     async def _learn_cloud_targets(self) -> None:
         # Which cloud targets have credentials is known in the Router replica (its environment); until
@@ -248,7 +311,8 @@ class Gateway:
                 logger.info("waiting for the Router deployment: %s", type(e).__name__)
                 await asyncio.sleep(2)
 
-    async def __serve_build_asgi_app__(self):
+    def asgi_app(self):
+        """The FastAPI app, with the background work it needs started on the running loop."""
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.status.poll())]
         if self._cloud is not None and self.router is not None:
@@ -258,3 +322,43 @@ class Gateway:
         return build_api(self.service, self.config.gateway, self.health, self._route_limits, self.system_status,
                          auth=self.auth, ledger=self.ledger, fine_tuning=self.fine_tuning,
                          adapter_registries=self._adapter_registries())
+
+
+def _handle_parts(llms: dict[str, DeploymentHandle]) -> dict[str, Any]:
+    return {"llms": {name: HandleLLM(h) for name, h in llms.items()},
+            "engine_queues": {name: h.num_unfinished_requests.remote for name, h in llms.items()},
+            "deployments": {name: h.deployment_name for name, h in llms.items()}}
+
+
+@serve.ingress()
+class GatewayDeployment:
+    """The gateway as a deployment of its own: every model is a handle call away."""
+
+    def __init__(self, *, config: AppConfig, llms: dict[str, DeploymentHandle], **parts):
+        context = serve.get_replica_context()
+        self.gateway = Gateway(config=config, app_name=context.app_name, deployment=context.deployment,
+                               **_handle_parts(llms), **parts)
+
+    async def __serve_build_asgi_app__(self):
+        return self.gateway.asgi_app()
+
+
+class LLMGatewayDeployment(LLMDeployment):
+    """An LLM replica that hosts the gateway too (``gateway.host_llm``): the hosted model's requests
+    are served in this process, as ``vllm serve`` serves them, so its tokens cross no Serve hop (with
+    HAProxy in front, none at all); other models are a handle call away. The price: the gateway
+    scales, and restarts, with this model's replicas."""
+
+    async def __init__(self, llm_config, *, config: AppConfig, llms: dict[str, DeploymentHandle],
+                       adapters: dict | None = None, data_dir: str | None = None, **parts):
+        await super().__init__(llm_config, adapters=adapters, data_dir=data_dir)
+        context = serve.get_replica_context()
+        own = _handle_parts(llms)
+        own["llms"][llm_config.model_id] = InProcessLLM(self, llm_config.model_id)
+        own["engine_queues"][llm_config.model_id] = self.num_unfinished_requests
+        own["deployments"][llm_config.model_id] = context.deployment
+        self.gateway = Gateway(config=config, app_name=context.app_name, deployment=context.deployment, **own,
+                               **parts)
+
+    async def __serve_build_asgi_app__(self):
+        return self.gateway.asgi_app()

@@ -65,12 +65,15 @@ def to_llm_config(model: LLMConfigModel, model_path: str) -> LLMConfig:
     )
 
 
-def build_llm_app(model: LLMConfigModel, model_path: str, data_dir: str):
-    """The bound ``LLMDeployment`` for one configured model, named ``LLM:<name>`` in the dashboard."""
-    adapters = {"adapters": model.adapters.model_dump(), "data_dir": data_dir} if model.adapters else {}
+def build_llm_app(model: LLMConfigModel, model_path: str, data_dir: str,
+                  deployment_cls: type[LLMDeployment] = LLMDeployment, **bind_kwargs):
+    """The bound ``LLMDeployment`` (or a subclass of it) for one configured model, named ``LLM:<name>``
+    in the dashboard; ``bind_kwargs`` go to the subclass."""
+    if model.adapters:
+        bind_kwargs |= {"adapters": model.adapters.model_dump(), "data_dir": data_dir}
     return build_llm_deployment(
         to_llm_config(model, model_path),
         name_prefix=DEPLOYMENT_PREFIX,
-        deployment_cls=LLMDeployment,
-        bind_kwargs=adapters,
+        deployment_cls=deployment_cls,
+        bind_kwargs=bind_kwargs,
     )

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 
-from ray import serve
 from ray.serve.schema import ReplicaState, ServeStatus
 
 from ray_app.serve.config import AppConfig
-from ray_app.serve.internals import sanitize_chat_request as sanitize_for_handle
 
-__all__ = ["ServeStatusReader", "health_from_status", "sanitize_for_handle", "unavailable_reason"]
+__all__ = ["ServeStatusReader", "health_from_status", "unavailable_reason"]
 
 
 def unavailable_reason(status: ServeStatus | None, app_name: str, deployment: str,
@@ -58,7 +56,9 @@ class ServeStatusReader:
         self._refresh: asyncio.Future | None = None
 
     async def read(self) -> ServeStatus:
-        return await asyncio.to_thread(serve.status)
+        from ray_app.serve.internals import serve_status
+
+        return await asyncio.to_thread(serve_status)
 
     async def unavailable(self, model: str) -> str | None:
         if model not in self._deployments:

@@ -76,9 +76,10 @@ def _deployments(status) -> dict[str, dict[str, Any]]:
 async def system_status(models: Callable[[], Awaitable[list[dict]]],
                         queues: dict[str, Callable[[], Awaitable[int]]]) -> dict[str, Any]:
     import ray
-    from ray import serve
 
-    physical, status, model_list = await asyncio.gather(_physical_use(), asyncio.to_thread(serve.status), models())
+    from ray_app.serve.internals import serve_status
+
+    physical, status, model_list = await asyncio.gather(_physical_use(), asyncio.to_thread(serve_status), models())
 
     async def queue(name: str, call) -> tuple[str, int | None]:
         try:

@@ -18,6 +18,8 @@ import httpx
 import pytest
 import yaml
 
+from ray_app.serve import SERVING_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "ray_app"
 
@@ -86,8 +88,9 @@ def ray_cluster(data_dir):
     import ray
     from ray import serve
 
-    # the serving mode the README starts (override by exporting the variable before pytest)
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # the serving mode the README starts (override by exporting a variable before pytest)
+    for key, value in SERVING_ENV.items():
+        os.environ.setdefault(key, value)
     # Credentials for the loopback stand-ins of the cloud providers, in the environment as in production:
     # the cluster's workers inherit it. boto3 signs with these (SigV4); the servers never see a real key.
     os.environ.update({"RAY_APP_TEST_OPENAI_KEY": "sk-loopback", "AWS_ACCESS_KEY_ID": "AKIALOOPBACK",

@@ -37,6 +37,8 @@ import yaml
 
 pytestmark = pytest.mark.e2e
 
+from ray_app.serve import SERVING_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "e2e" / "cluster_driver.py"
 AWS = ROOT / "cluster" / "aws.yaml"
@@ -45,7 +47,7 @@ AWS = ROOT / "cluster" / "aws.yaml"
 def run_driver(*args: str, timeout_s: float) -> dict:
     # its own cluster and serving mode: nothing of the session's (a throughput-optimized Serve refuses a
     # handle called outside an event loop, which the driver does)
-    drop = ("RAY_ADDRESS", "RAY_TMPDIR", "RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+    drop = ("RAY_ADDRESS", "RAY_TMPDIR", "RAY_JOB_CONFIG_JSON_ENV_VAR", *SERVING_ENV)
     env = {k: v for k, v in os.environ.items() if k not in drop}
     proc = subprocess.Popen([sys.executable, str(DRIVER), *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)

@@ -50,6 +50,13 @@ def readme_command(*needles: str) -> str:
     return found[0]
 
 
+def readme_serve_env() -> dict[str, str]:
+    """The variables the README's serve command sets before `serve run`."""
+    command = readme_command("serve run serve_config.yaml")
+    words = command.split("&&")[-1].split()
+    return dict(w.split("=", 1) for w in words[:words.index(next(w for w in words if "=" not in w))])
+
+
 @dataclass
 class Chatter:
     """A user chatting with the server the whole time, one request after another."""
@@ -144,7 +151,7 @@ def laptop(data_dir, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in drop} | {
         # the models prepared once for the session; everything the run writes stays in its own folder
         "RAY_APP_MODELS_DIR": str(data_dir.models), "HF_HUB_OFFLINE": "1",
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"} | readme_serve_env()
     log = (root / "serve.log").open("w")
     # the README's first command; its own process group so that everything it started can be stopped
     proc = subprocess.Popen([str(VENV_BIN / "serve"), "run", str(root / "serve.yaml")], cwd=ROOT, env=env,

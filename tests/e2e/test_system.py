@@ -18,8 +18,10 @@ def test_system_status_reports_nodes_deployments_models_and_queues(served):
     assert node["alive"] and node["cpus"] == 8  # the session's ray.init(num_cpus=8)
     assert node["usage"]["memory_total_gib"] > 1 and 0 <= node["usage"]["cpu_percent"] <= 100 * 64
     assert body["cluster"]["total"]["CPU"] == 8 and body["cluster"]["available"]["CPU"] < 8
-    gateway = next(v for k, v in body["deployments"].items() if k.endswith("/Gateway"))
+    assert body["gateway"] == {"deployment": "LLM:smollm2-135m-instruct", "host_llm": "smollm2-135m-instruct"}
+    gateway = body["deployments"]["ray_app/LLM:smollm2-135m-instruct"]
     assert gateway["status"] == "HEALTHY" and gateway["replicas"] == {"RUNNING": 1}
+    assert body["queues"]["smollm2-135m-instruct"]["unfinished_requests"] == 0  # the hosted engine, read in-process
     assert {"smollm2-135m-instruct", "tiny-llama", "all-minilm-l6-v2"} <= {m["id"] for m in body["models"]}
     assert body["queues"]["tiny-llama"]["unfinished_requests"] == 0
 

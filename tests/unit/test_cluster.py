@@ -103,6 +103,13 @@ def test_the_rayservice_embeds_the_shipped_serve_config():
         "cluster/kuberay/rayservice.yaml's serveConfigV2 differs from serve_config.yaml: copy the applications over"
     assert embedded["http_options"]["host"] == "0.0.0.0"  # reachable through the Kubernetes service
     AppConfig.load(embedded["applications"][0]["args"])
+    # every node serves the way the README's command does (HAProxy runs wherever a proxy does)
+    from ray_app.serve import SERVING_ENV
+
+    spec = service["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for container in (c for g in groups for c in g["template"]["spec"]["containers"]):
+        assert SERVING_ENV.items() <= {e["name"]: e["value"] for e in container["env"]}.items(), container["name"]
 
 
 def test_the_grafana_dashboard_queries_the_metrics_we_export():

@@ -30,6 +30,14 @@ def test_shipped_serve_config_validates_and_resolves(data_dir):
     assert cards["smollm2-135m-instruct"].max_model_len == 2048
 
 
+def test_the_readme_serves_with_the_environment_tests_and_benchmarks_start_ray_with():
+    from ray_app.serve import SERVING_ENV
+
+    first = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].splitlines()[0]
+    assert "serve run serve_config.yaml" in first
+    assert dict(w.split("=", 1) for w in first.split("&&")[1].split() if "=" in w) == SERVING_ENV
+
+
 def test_shipped_serve_config_points_at_the_builder():
     document = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     assert document["applications"][0]["import_path"] == "ray_app.serve.app:build_app"
@@ -61,6 +69,19 @@ def test_model_names_must_be_unique_and_present():
         AppConfig.load({"llms": [{"name": "base:adapter", "source": "x"}]})
 
 
+def test_the_gateway_runs_in_a_served_llm_or_in_a_deployment_of_its_own():
+    assert AppConfig.load(shipped_args()).gateway.host_llm == "smollm2-135m-instruct"
+    args = shipped_args()
+    args["gateway"]["host_llm"] = "gpt-7"
+    with pytest.raises(ConfigError, match="gateway.host_llm 'gpt-7' is not one of the configured llms"):
+        AppConfig.load(args)
+    args["gateway"] |= {"host_llm": "smollm2-135m-instruct", "replicas": {"num_replicas": 2}}
+    with pytest.raises(ConfigError, match="gateway.replicas does not apply with gateway.host_llm"):
+        AppConfig.load(args)
+    del args["gateway"]["host_llm"]
+    assert AppConfig.load(args).gateway.replicas.num_replicas == 2
+
+
 def test_replicas_fixed_or_autoscaled_not_both():
     with pytest.raises(ConfigError, match="not both"):
         AppConfig.load({"llms": [{"name": "m", "source": "x",
@@ -75,6 +96,7 @@ def test_replicas_fixed_or_autoscaled_not_both():
 def test_sources_and_engine_arguments_are_checked_before_start(data_dir, tmp_path):
     args = shipped_args()
     args["data_dir"] = str(data_dir.root)
+    args["gateway"]["host_llm"] = "a"
     args["llms"] = [
         {"name": "a", "source": "tiny-llama", "engine_kwargs": {
             "dtype": "float32", "max_modle_len": 5,
@@ -164,7 +186,8 @@ def test_the_shipped_app_fits_a_two_cpu_laptop_and_leaves_room_for_jobs():
     (one more reservation left the Gateway pending forever with no error), and leave a share for the
     jobs that run beside the server (ingest, dataset builds, fine-tuning fit their requests into it)."""
     config = AppConfig.load(shipped_args())
-    deployments = [config.gateway, *config.embedders, config.ocr, config.knowledge, config.router]
+    gateway = [] if config.gateway.host_llm else [config.gateway]  # hosted: it runs in the LLM's replicas
+    deployments = [*gateway, *config.embedders, config.ocr, config.knowledge, config.router]
     replica_cpus = sum(d.replicas.num_cpus * (d.replicas.num_replicas or 1) for d in deployments if d is not None)
     engine_cpus = sum((m.engine_cpus + m.replicas.num_cpus) * (m.replicas.num_replicas or 1) for m in config.llms)
     assert replica_cpus + engine_cpus <= 2.0 - 0.5, (replica_cpus, engine_cpus)
@@ -178,6 +201,7 @@ def test_tool_calling_maps_onto_vllm_and_is_checked_before_start(data_dir, tmp_p
     assert kwargs["tool_strict_level"] == "parameter"  # named and required calls match the tool schema
     assert "<tool_call>" in kwargs["chat_template"]  # the template's text: no file needed on the replica's node
     args = shipped_args() | {"data_dir": str(data_dir.root)}
+    args["gateway"]["host_llm"] = "a"
     args["llms"] = [{"name": "a", "source": "tiny-llama", "tools": {"parser": "hermez"}},
                     {"name": "b", "source": "tiny-llama", "tools": {"chat_template": str(tmp_path / "none.jinja")}}]
     with pytest.raises(ConfigError) as exc:

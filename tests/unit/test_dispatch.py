@@ -24,6 +24,7 @@ from ray_app.router.providers import Provider, ProviderError, RetryPolicy
 from ray_app.router.service import RouterService
 from ray_app.serve.auth import Caller
 from ray_app.serve.errors import APIError, ContextLengthExceededError
+from ray_app.serve.gateway import InProcessLLM
 from ray_app.serve.openai_api import OpenAIService, WithHeaders
 from ray_app.serve.protocol import ChatCompletionRequest, ModelCard
 from ray_app.serve.router import CloudProviders
@@ -110,8 +111,34 @@ class ClockLLM(FakeLLM):
         return super().chat(request)
 
 
+class InProcessServer:
+    """What ``InProcessLLM`` calls in a replica that hosts the gateway: an LLMServer's ``chat`` and
+    ``completions``, which return the engine's generator when awaited. Closing it early aborts the
+    engine's request, as vLLM does on ``GeneratorExit``."""
+
+    def __init__(self, llm: FakeLLM):
+        self.llm = llm
+
+    async def chat(self, request):
+        return self._generator(self.llm.chat(request))
+
+    async def completions(self, request):
+        return self._generator(self.llm.completions(request))
+
+    @staticmethod
+    async def _generator(stream):
+        finished = False
+        try:
+            async for item in stream:
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                stream.cancel()
+
+
 class Harness:
-    def __init__(self, tmp_path, clock: Clock, local: FakeLLM | None = None, **cloud: Scripted):
+    def __init__(self, tmp_path, clock: Clock, local: FakeLLM | None = None, backend: str = "handle", **cloud: Scripted):
         self.clock = clock
         self.ledger = Ledger(tmp_path / "ledger.sqlite")
         self.recorder = SpendRecorder(
@@ -124,7 +151,9 @@ class Harness:
         self.cloud.unavailable = {n: "not scripted" for n in ("cloud-a", "cloud-b") if n not in cloud}
         self.router.set_deployed(self.cloud.deployed())
         self.local = local or ClockLLM(clock)
-        self.service = OpenAIService({"small": self.local}, {}, {"small": ModelCard(id="small")},
+        # a handle call to the LLM deployment, or the engine in the gateway's own process (gateway.host_llm)
+        llm = self.local if backend == "handle" else InProcessLLM(InProcessServer(self.local), "small")
+        self.service = OpenAIService({"small": llm}, {}, {"small": ModelCard(id="small")},
                                      recorder=self.recorder, router=self.router, cloud=self.cloud, clock=clock)
 
     async def chat(self, text: str = "Tell me a joke", model: str = "auto", caller: Caller | None = None,
@@ -314,17 +343,22 @@ async def test_the_router_deployment_refuses_an_unknown_target():
 
 # -- streams: one table for every path --------------------------------------------------------------
 
-PATHS = {"direct": "small", "routed-local": "private", "routed-cloud": "cloud"}
+PATHS = {"direct": "small", "routed-local": "private", "routed-cloud": "cloud",
+         "direct-in-process": "small", "routed-local-in-process": "private"}
+
+
+def _backend(path: str) -> str:
+    return "in-process" if path.endswith("in-process") else "handle"
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("include_usage", [False, True])
 async def test_streams_on_every_path(tmp_path, clock, path, include_usage):
-    h = Harness(tmp_path, clock, **{"cloud-a": Scripted("cloud-a", clock)})
+    h = Harness(tmp_path, clock, backend=_backend(path), **{"cloud-a": Scripted("cloud-a", clock)})
     model = PATHS[path]
     answer = await h.chat("hello", model=model, stream=True, caller=_key(),
                           stream_options={"include_usage": True} if include_usage else None)
-    assert ("x-ray-app-route" in answer.headers) == (path != "direct")
+    assert ("x-ray-app-route" in answer.headers) == path.startswith("routed")
     events, rows_before_done = [], None
     async for text in answer.result:
         for event in filter(None, text.split("\n\n")):
@@ -343,7 +377,7 @@ async def test_streams_on_every_path(tmp_path, clock, path, include_usage):
 @pytest.mark.parametrize("path", PATHS)
 async def test_a_client_leaving_mid_stream_is_charged_and_the_target_cancelled(tmp_path, clock, path):
     h = Harness(tmp_path, clock, local=ClockLLM(clock, takes_s=2.0, reply=" ".join(["w"] * 20)),
-                **{"cloud-a": Scripted("cloud-a", clock, takes_s=2.0)})
+                backend=_backend(path), **{"cloud-a": Scripted("cloud-a", clock, takes_s=2.0)})
     answer = await h.chat("hello", model=PATHS[path], stream=True, caller=_key("quitter"))
     await anext(answer.result)  # one chunk, then the client goes away
     await answer.result.aclose()
@@ -355,6 +389,10 @@ async def test_a_client_leaving_mid_stream_is_charged_and_the_target_cancelled(t
     assert row["key"] == "quitter" and row["status"] == "incomplete"
     if path != "routed-cloud":
         assert row["cost_usd"] == pytest.approx(2.0 * 3.6 / 3600)  # the replica time it held
+        for _ in range(50):  # an in-process generator is closed by a task of its own
+            if h.local.streams[-1].cancelled:
+                break
+            await asyncio.sleep(0.01)
         assert h.local.streams[-1].cancelled
     assert h.recorder.share("small").in_flight == 0
 

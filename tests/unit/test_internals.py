@@ -25,3 +25,27 @@ def test_the_engine_kwargs_normalisation_refuses_a_bad_nested_config():
     assert internals.normalize_engine_kwargs({"dtype": "float32"})["dtype"] == "float32"
     with pytest.raises(ValueError):
         internals.normalize_engine_kwargs({"structured_outputs_config": {"disable_any_whitespace": True}})
+
+
+def test_the_llm_server_parts_an_in_process_call_reaches_still_exist():
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+    from ray.serve.llm import LLMServer
+
+    assert "self._load_model =" in inspect.getsource(LLMServer._init_multiplex_loader)
+    assert inspect.iscoroutinefunction(VLLMEngine.resolve_lora)
+    assert "self._engine_client" in inspect.getsource(VLLMEngine)
+
+
+def test_serve_status_is_read_from_the_controllers_details():
+    from ray.serve.schema import ApplicationStatus, DeploymentStatus, ReplicaState
+
+    details = {"target_capacity": None, "proxies": {"n1": {"status": "HEALTHY"}}, "applications": {"app": {
+        "status": "RUNNING", "message": "", "last_deployed_time_s": 12.5, "deployments": {"LLM:m": {
+            "status": "HEALTHY", "status_trigger": "CONFIG_UPDATE_COMPLETED", "message": "",
+            "replicas": [{"state": "RUNNING"}, {"state": "RUNNING"}, {"state": "STARTING"}]}}}}}
+    status = internals.status_from_details(details)
+    app = status.applications["app"]
+    assert app.status == ApplicationStatus.RUNNING and app.last_deployed_time_s == 12.5
+    deployment = app.deployments["LLM:m"]
+    assert deployment.status == DeploymentStatus.HEALTHY
+    assert deployment.replica_states == {ReplicaState.RUNNING: 2, ReplicaState.STARTING: 1}

@@ -1,5 +1,5 @@
-"""The gateway's handle wrappers: every call to another deployment has a deadline, and a 500 never
-echoes what failed inside."""
+"""The gateway's backends: every call to another deployment has a deadline, a 500 never echoes what
+failed inside, and the model a replica hosts is called in-process (adapters loaded there first)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import logging
 import pytest
 
 from ray_app.serve.errors import UpstreamTimeoutError, from_deployment_failure, internal_error
-from ray_app.serve.gateway import HandleEmbedder, HandleKnowledge, within
+from ray_app.serve import internals
+from ray_app.serve.gateway import HandleEmbedder, HandleKnowledge, InProcessLLM, within
+from ray_app.serve.protocol import ChatCompletionRequest
 
 
 class StuckResponse:
@@ -66,3 +68,41 @@ def test_a_500_names_an_error_id_not_the_exception(caplog):
     error_id = error.message.split("error id ")[1].split(")")[0]
     assert error_id in caplog.text and "hunter2" in caplog.text  # the operator still sees it, under that id
     assert "hunter2" not in internal_error(ValueError(secret)).message
+
+
+class Server:
+    """An LLMServer's surface as ``InProcessLLM`` uses it (its engine's generator, returned when awaited)."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    async def chat(self, request):
+        self.calls.append(request.model)
+
+        async def items():
+            yield ["data: {}\n\n"]
+
+        return items()
+
+
+async def test_the_hosted_model_is_called_in_process_and_an_adapter_is_loaded_there_first(monkeypatch):
+    loaded = []
+
+    async def load_adapter(server, model_id):
+        loaded.append(model_id)
+
+    monkeypatch.setattr(internals, "load_adapter", load_adapter)
+    server = Server()
+    llm = InProcessLLM(server, "smol")
+    for model in ("smol", "smol:support@3"):
+        stream = llm.chat(ChatCompletionRequest(model=model, messages=[{"role": "user", "content": "hi"}]))
+        assert [item async for item in stream] == [["data: {}\n\n"]]
+    assert server.calls == ["smol", "smol:support@3"] and loaded == ["smol:support@3"]
+
+
+async def test_an_in_process_stream_cancelled_before_it_started_never_runs():
+    server = Server()
+    stream = InProcessLLM(server, "smol").chat(
+        ChatCompletionRequest(model="smol", messages=[{"role": "user", "content": "hi"}]))
+    stream.cancel()
+    assert server.calls == []
