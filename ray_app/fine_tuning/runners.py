@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from ray_app.fine_tuning.jobs import JobSpec
 
@@ -16,7 +16,10 @@ _STATES = {"PENDING": "pending", "RUNNING": "running", "SUCCEEDED": "succeeded",
 
 
 class RayJobRunner:
-    def __init__(self, address: str | None = None, python: str = sys.executable):
+    """Jobs submitted to the Ray cluster's job API; ``address`` is its dashboard's URL, or a function that
+    finds it (the gateway's: the URL the running cluster advertises)."""
+
+    def __init__(self, address: str | Callable[[], str | None] | None = None, python: str = sys.executable):
         self._address, self._python = address, python
         self._client: Any = None
 
@@ -25,9 +28,7 @@ class RayJobRunner:
         if self._client is None:
             from ray.job_submission import JobSubmissionClient
 
-            from ray_app.serve.internals import dashboard_url
-
-            self._client = JobSubmissionClient(self._address or dashboard_url())
+            self._client = JobSubmissionClient(self._address() if callable(self._address) else self._address)
         return self._client
 
     def submit(self, spec: JobSpec) -> str:

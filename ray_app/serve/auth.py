@@ -29,6 +29,7 @@ from ray_app.accounting.config import AuthConfig, AuthMode
 from ray_app.accounting.keys import ANONYMOUS_OPEN, AuthError, KeyRecord, KeyStore, Scopes
 from ray_app.accounting.limits import RateLimited, RateWindows
 from ray_app.serve.errors import APIError, AuthenticationError, PermissionDeniedError, RateLimitError, error_response
+from ray_app.serve.middleware import app_path
 
 __all__ = ["Auth", "Caller", "KeyAuth", "TOKEN_ROUTES", "caller_of"]
 
@@ -41,12 +42,6 @@ TOKEN_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embedd
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 PUBLIC_PREFIXES = ("/ui",)
 _STATE_KEY = "ray_app_caller"
-
-
-def app_path(scope: Scope) -> str:
-    """The path inside the application: Serve mounts an app under its route prefix (``root_path``)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 @dataclass(frozen=True)

@@ -258,6 +258,7 @@ class Gateway:
         from ray_app.fine_tuning.jobs import FineTuningService, JobStore, LocalModel
         from ray_app.fine_tuning.runners import RayJobRunner
         from ray_app.router.privacy import training_file_reasons
+        from ray_app.serve.internals import dashboard_url
 
         settings, root = self.config.fine_tuning.load(), self.config.paths.root
         cloud = {}
@@ -269,7 +270,7 @@ class Gateway:
             root=root / "fine_tuning", data_dir=str(root),
             models={m.name: LocalModel(m.name, m.source, m.adapters is not None,
                                        m.tools.chat_template if m.tools else None) for m in self.config.llms},
-            template=settings.template, runner=RayJobRunner(), cloud_models=cloud, cloud=self._cloud,
+            template=settings.template, runner=RayJobRunner(dashboard_url), cloud_models=cloud, cloud=self._cloud,
             privacy_reasons=training_file_reasons, max_running=settings.max_running, promote=settings.promote)
 
     async def _move_fine_tuning_jobs(self) -> None:

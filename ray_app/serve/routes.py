@@ -29,7 +29,8 @@ from ray_app.schema import Strict
 from ray_app.sensitivity import Sensitivity
 from ray_app.serve.auth import Auth, Caller, KeyAuth, caller_of
 from ray_app.serve.config import GatewayConfig
-from ray_app.serve.errors import BodySizeLimit, InvalidRequestError, NotFoundError, install_error_handlers
+from ray_app.serve.errors import InvalidRequestError, NotFoundError, install_error_handlers
+from ray_app.serve.middleware import BodySizeLimit
 from ray_app.serve import public
 from ray_app.serve.openai_api import OpenAIService, WithHeaders
 from ray_app.serve.protocol import (
