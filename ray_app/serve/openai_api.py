@@ -23,7 +23,7 @@ from ray_app.accounting.config import AuthConfig
 from ray_app.accounting.ledger import BudgetExceeded, Ledger
 from ray_app.accounting.recorder import CostCeilingExceeded, Outcome, SpendRecorder
 from ray_app.datasets.capture import CaptureLog
-from ray_app.embedder import Embeddings, InputTooLongError
+from ray_app.documents.embedder import Embeddings, InputTooLongError
 from ray_app.router.config import Route
 from ray_app.router.policy import RoutingError, estimate_cost
 from ray_app.router.service import RouterService
@@ -56,6 +56,10 @@ from ray_app.serve.protocol import (
 __all__ = ["AdapterCatalog", "EmbedderBackend", "OpenAIService", "UsageRecord", "WithHeaders", "log_usage"]
 
 logger = logging.getLogger("ray_app.gateway")
+
+# request bodies up to this size are scanned for PII on the event loop (~1 ms at most; RAG context adds
+# at most `knowledge.max_context_chars`), larger ones in a thread
+INLINE_SCAN_BYTES = 8 * 1024
 
 
 class AdapterCatalog(Protocol):
@@ -256,10 +260,15 @@ class OpenAIService:
             route = self.router.config.routes[request.model]
             self._apply_caps(request, caller, route)
             body = request.model_dump(mode="json", exclude_unset=True)
-            # the full-text PII scan is linear but can take milliseconds on a long prompt: off the loop
-            features = await asyncio.to_thread(
-                self.router.features, body, caller.headers, caller.confidential, retrieved,
-                caller.key.max_request_usd if caller.key else None)
+            scan = (self.router.features, body, caller.headers, caller.confidential, retrieved,
+                    caller.key.max_request_usd if caller.key else None)
+            # The full-text PII scan is linear: a long prompt's takes milliseconds, so it runs off the loop;
+            # a short one's takes less than the thread hop would (on a busy loop the hop waits for the GIL).
+            length = caller.headers.get("content-length", "")
+            if length.isdigit() and int(length) <= INLINE_SCAN_BYTES:
+                features = scan[0](*scan[1:])
+            else:
+                features = await asyncio.to_thread(*scan)
             try:
                 decision = self.router.decide(features)
             except RoutingError as e:

@@ -365,3 +365,23 @@ async def test_chats_are_captured_only_for_keys_that_opt_in(tmp_path):
     assert records[0].question == "hello" and records[1].metadata["route"] == "auto"
     assert {r.metadata["sensitivity"] for r in records} == {"confidential"}  # a confidential key's chats
     assert {r.metadata["key_id"] for r in records} == {keen.record.key_id}
+
+
+async def test_a_long_prompt_is_scanned_for_pii_off_the_event_loop_and_a_short_one_on_it(tmp_path, monkeypatch):
+    from ray_app.serve import openai_api
+    from ray_app.serve.auth import Caller
+    from ray_app.serve.protocol import ChatCompletionRequest
+
+    offloaded, to_thread = [], asyncio.to_thread
+
+    async def recording(fn, *args, **kwargs):
+        offloaded.append(getattr(fn, "__name__", repr(fn)))
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(openai_api.asyncio, "to_thread", recording)
+    h = Harness(tmp_path)
+    h.llm.max_model_len = 10_000
+    for text, length in (("hello", 120), ("hello " * 2000, 12_060)):
+        request = ChatCompletionRequest(model="auto", messages=[{"role": "user", "content": text}], max_tokens=4)
+        await h.service.chat(request, Caller(headers={"content-length": str(length)}))
+    assert offloaded.count("features") == 1  # the long one only
