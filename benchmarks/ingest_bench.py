@@ -55,7 +55,7 @@ def sequential(corpus: Path, data: Path, embedder_path: str, config) -> tuple[di
     from ray_app.documents.ocr import TesseractOCR
     from ray_app.documents.processing import ocr_elements
     from ray_app.documents.store import EdgeVectorStore
-    from ray_app.embedder import SentenceEmbedder
+    from ray_app.documents.embedder import SentenceEmbedder
 
     started = time.perf_counter()
     embedder = SentenceEmbedder(embedder_path, batch_size=config.embed.batch_size)
@@ -95,7 +95,7 @@ def sequential(corpus: Path, data: Path, embedder_path: str, config) -> tuple[di
 
 
 def embed_only(embedder_path: str, texts: list[str], batch_size: int) -> dict:
-    from ray_app.embedder import SentenceEmbedder
+    from ray_app.documents.embedder import SentenceEmbedder
 
     embedder = SentenceEmbedder(embedder_path, batch_size=batch_size)
     embedder.encode(texts[:batch_size])  # warm-up

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray_app.documents.retrieval import Retriever
     from ray_app.documents.sparse import SparseEncoder
     from ray_app.documents.store import EdgeVectorStore
-    from ray_app.embedder import SentenceEmbedder
+    from ray_app.documents.embedder import SentenceEmbedder
     from ray_app.models.resolve import resolve_source
     from ray_app.paths import DataDir
 

@@ -225,7 +225,7 @@ def collection_create(
 ) -> None:
     """Create an empty collection (the ingest config's embedder decides its vectors)."""
     from ray_app.documents.store import StoreError
-    from ray_app.embedder import SentenceEmbedder
+    from ray_app.documents.embedder import SentenceEmbedder
     from ray_app.models.resolve import resolve_source
 
     if sensitivity not in (None, "public", "internal", "confidential"):

@@ -27,7 +27,7 @@ ClusterShare = Literal["fit", "strict"]
 MIN_CPUS = 0.01  # Ray refuses 0 for some workers (Tune trials, Train's workers want > 0)
 
 __all__ = ["ClusterShare", "Demand", "connect_if_running", "fit", "free_cpus", "in_cluster", "init_ray",
-           "prepare_driver_env", "share_cpus"]
+           "prepare_driver_env", "share_cpus", "worker_env_vars"]
 
 
 def prepare_driver_env() -> None:
@@ -40,6 +40,13 @@ def prepare_driver_env() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def worker_env_vars(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a driver gives the Ray workers it starts, plus ``extra``: the model hub stays
+    offline unless this process's ``HF_HUB_OFFLINE`` says otherwise, tokenizers use one thread."""
+    return {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
+            **(extra or {})}
+
+
 def init_ray(address: str | None = None, *, job_cpus: int | None = None, env: dict[str, str] | None = None,
              log_to_driver: bool = False) -> str:
     """Connect to ``address`` (or ``RAY_ADDRESS``, or a running local cluster), else start a local Ray
@@ -49,8 +56,7 @@ def init_ray(address: str | None = None, *, job_cpus: int | None = None, env: di
 
     if ray.is_initialized():
         return "connected"
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                "TOKENIZERS_PARALLELISM": "false", **(env or {})}}
+    runtime_env = {"env_vars": worker_env_vars(env)}
     common: dict = dict(logging_level="WARNING", log_to_driver=log_to_driver, runtime_env=runtime_env)
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # a Ray job's driver: the job's runtime env (set by whoever submitted it) is the one that applies

@@ -20,7 +20,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
     ErrorResponse,
 )
 
-from ray_app.embedder import Embeddings, InputTooLongError
+from ray_app.documents.embedder import Embeddings, InputTooLongError
 
 
 class FakeStream:

@@ -1,8 +1,8 @@
 """``KnowledgeBase``: what the serving side does with collections, as a plain class.
 
 Retrieval (``/v1/retrieve``), retrieval-augmented chat (numbered sources in the prompt, citations in
-the response), single-file uploads (the same parse -> OCR -> chunk -> embed steps as the pipeline), and
-collection administration. Its heavy parts are injected: the store (the cluster's store actor, or a
+the response), single-file uploads (the pipeline's own steps, ``DocumentSteps``, chained for one file),
+and collection administration. Its heavy parts are injected: the store (the cluster's store actor, or a
 local store in tests), the embedder and OCR (Serve handles, or local objects in tests).
 
 An upload's chunks are embedded in small batches, so the queries of other requests get the embedder
@@ -17,17 +17,14 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import numpy as np
 
-from ray_app.documents.chunk import TokenChunker
 from ray_app.documents.config import DocumentLimits, OCRConfig, Sensitivity
-from ray_app.documents.parse import DocumentParser, Element, ParsedDocument, RefusedFile
-from ray_app.documents.pipeline import ingest_fingerprint
-from ray_app.documents.processing import DocMeta, build_records
+from ray_app.documents.parse import Element, ParsedDocument, RefusedFile
+from ray_app.documents.processing import DocMeta, DocumentSettings, DocumentSteps, build_records
 from ray_app.documents.report import FileOutcome
 from ray_app.documents.retrieval import Passage, RetrievalOptions, Retriever, rag_messages
-from ray_app.documents.sources import content_hash, document_id
-from ray_app.documents.sparse import SparseEncoder
+from ray_app.documents.sources import document_id
 from ray_app.documents.store import SearchHit, VectorStore
-from ray_app.embedder import Embeddings
+from ray_app.documents.embedder import Embeddings
 
 
 class AsyncStore(Protocol):
@@ -108,11 +105,10 @@ class KnowledgeBase:
         self.upload = upload
         self.max_context_chars = max_context_chars
         self.top_k = top_k
-        self.parser = DocumentParser(upload.ocr, upload.limits)
-        self.chunker = TokenChunker(tokenizer, upload.max_tokens, upload.overlap)
-        self.sparse = SparseEncoder()
-        self.fingerprint = ingest_fingerprint(upload.embedder_source, upload.max_tokens, upload.overlap, upload.ocr)
-        self.retriever = Retriever(self.store.search, self._embed_query, self.sparse, reranker)
+        self.steps = DocumentSteps(DocumentSettings(upload.embedder_source, upload.max_tokens, upload.overlap,
+                                                    upload.ocr, upload.limits, upload.max_bytes), tokenizer)
+        self.chunker = self.steps.chunker  # benchmarks/ingest_bench.py records the chunks through it
+        self.retriever = Retriever(self.store.search, self._embed_query, self.steps.sparse, reranker)
 
     async def _embed_query(self, query: str) -> list[float]:
         return (await self.embed([query])).vectors[0].tolist()
@@ -174,44 +170,32 @@ class KnowledgeBase:
 
     async def ingest_file(self, collection: str, filename: str, data: bytes,
                           sensitivity: Sensitivity | None = None) -> FileOutcome:
-        """One uploaded file through parse -> OCR -> chunk -> embed -> write. Raises ``RefusedFile``."""
+        """One uploaded file through the pipeline's steps, then written. Raises ``RefusedFile``."""
         info = await self.store.collection(collection)  # raises CollectionNotFound, saying how to create it
         source = f"upload://{collection}/{filename}"
-        doc_id = document_id(source)
-        sensitivity = sensitivity or info.default_sensitivity or self.upload.default_sensitivity
-        outcome = FileOutcome(source=source, path=filename, status="indexed", doc_id=doc_id, sensitivity=sensitivity)
-        if len(data) > self.upload.max_bytes:
-            raise RefusedFile("too_large", f"{len(data)} bytes is over the limit of {self.upload.max_bytes} bytes")
-        doc_hash = content_hash(data, self.fingerprint)
-        existing = await self.store.document(collection, doc_id)
-        if existing is not None and existing.get("doc_hash") == doc_hash:
-            outcome.chunks = existing.get("chunk_count", 0)
-            await self.store.prune(collection, doc_id, doc_hash)  # a replace that crashed midway left others
-            if existing.get("sensitivity") == sensitivity:
-                outcome.status = "unchanged"
-            else:  # the same bytes with a new label: every chunk takes it, or RAG would route by the old one
-                await self.store.set_sensitivity(collection, doc_id, sensitivity)
-                outcome.status = "relabelled"
-            return outcome
-        parsed = await asyncio.to_thread(self.parser.parse, filename, data)
+        meta = DocMeta(document_id(source), source, filename,
+                       sensitivity or info.default_sensitivity or self.upload.default_sensitivity)
+        steps = self.steps
+        steps.check_size(len(data))
+        existing = await self.store.document(collection, meta.doc_id)
+        known = (existing.get("doc_hash"), existing.get("sensitivity")) if existing else None
+        if reused := steps.version(meta, data, known):
+            await self.store.prune(collection, meta.doc_id, meta.doc_hash)  # a replace that crashed midway
+            if reused == "relabelled":  # every chunk takes the new label, or RAG would route by the old one
+                await self.store.set_sensitivity(collection, meta.doc_id, meta.sensitivity)
+            return meta.outcome(reused, chunks=existing.get("chunk_count", 0))
+        parsed = await asyncio.to_thread(steps.parse, meta, data)
         if parsed.ocr_pages:
             if self.ocr is None:
                 raise RefusedFile("ocr_error", "this file needs OCR and OCR is not configured (`ocr:` in the Serve config)")
             parsed.elements = await self.ocr(parsed, data)
-        chunks = await asyncio.to_thread(self.chunker.chunk, parsed.elements)
-        if not chunks:
-            raise RefusedFile("no_text", "no text to index")
-        if len(chunks) > self.upload.limits.max_chunks:
-            raise RefusedFile("too_large", f"{len(chunks)} chunks is over the limit of {self.upload.limits.max_chunks}")
+        chunks = await asyncio.to_thread(steps.chunk, parsed)
         step = self.upload.embed_batch
         vectors = [(await self.embed([c.text for c in chunks[i:i + step]])).vectors for i in range(0, len(chunks), step)]
-        meta = DocMeta(doc_id=doc_id, source=source, path=filename, sensitivity=sensitivity, doc_hash=doc_hash,
-                       format=parsed.format, title=parsed.title, page_count=parsed.page_count,
-                       ocr_pages=len(parsed.ocr_pages))
-        records = build_records(meta, chunks, np.concatenate(vectors), [self.sparse.document(c.text) for c in chunks])
-        await self.store.replace_document(collection, doc_id, records)
-        outcome.chunks, outcome.pages, outcome.ocr_pages = len(chunks), parsed.page_count, len(parsed.ocr_pages)
-        return outcome
+        sparse = await asyncio.to_thread(steps.sparse_vectors, chunks)
+        await self.store.replace_document(collection, meta.doc_id,
+                                          build_records(meta, chunks, np.concatenate(vectors), sparse))
+        return meta.outcome("indexed", len(chunks))
 
 
 def _collection_dict(info) -> dict[str, Any]:

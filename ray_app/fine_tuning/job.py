@@ -16,7 +16,7 @@ import sys
 import traceback
 from typing import Any
 
-from ray_app.fine_tuning.events import EventLog, StatusFile
+from ray_app.training.events import EventLog, StatusFile
 from ray_app.fine_tuning.jobs import JobSpec
 
 __all__ = ["main", "train_config"]

@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import Field
 
-from ray_app.fine_tuning.events import EventLog, StatusFile
+from ray_app.training.events import EventLog, StatusFile
 from ray_app.fine_tuning.files import FileStore, TrainingFileError, check_training_lines
 from ray_app.schema import Strict
 

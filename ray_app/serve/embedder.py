@@ -6,7 +6,7 @@ import asyncio
 
 from ray import serve
 
-from ray_app.embedder import Embeddings, SentenceEmbedder
+from ray_app.documents.embedder import Embeddings, SentenceEmbedder
 from ray_app.serve.config import EmbedderConfigModel
 
 

@@ -21,7 +21,7 @@ from ray_app.accounting.ledger import Ledger
 from ray_app.accounting.limits import RateWindows
 from ray_app.accounting.recorder import CloudPrice, SpendRecorder
 from ray_app.datasets.capture import CaptureLog
-from ray_app.embedder import Embeddings
+from ray_app.documents.embedder import Embeddings
 from ray_app.router.service import RouterService
 from ray_app.serve.adapters import catalog_for
 from ray_app.serve.auth import Auth

@@ -1,5 +1,6 @@
-"""What a fine-tuning job says while it runs: its events (OpenAI's ``fine_tuning.job.event``) and
-its status, as files in the job's folder that the job process writes and the API reads.
+"""What a training run says while it runs: its events (OpenAI's ``fine_tuning.job.event``) and its
+status, as files in the job's folder that the run (its loop on every step) writes and the fine-tuning
+API reads.
 
 Events are JSON lines appended one ``write`` each (whole lines even when the API's process and the
 job's process append at once); the status is one JSON file replaced atomically.

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ray_app.cluster import init_ray
+from ray_app.cluster import init_ray, worker_env_vars
 from ray_app.training.config import DistillConfig, TrainConfig
 from ray_app.training.data import TokenizedData, prepare
 from ray_app.training.model import load_tokenizer
@@ -84,7 +84,7 @@ def build_trainer(config: TrainConfig, data: TokenizedData, loop_config: dict[st
             name=run_name, storage_path=str(config.paths.root / "train_runs"),
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
-            worker_runtime_env={"env_vars": worker_env(config)},
+            worker_runtime_env={"env_vars": worker_env_vars(worker_env(config))},
             callbacks=callbacks,
         ),
         datasets=datasets,

@@ -58,7 +58,7 @@ class _Tracker:
             self.client, self.run_id = MlflowClient(tracking_uri), run_id
         self.events = None
         if events_path:
-            from ray_app.fine_tuning.events import EventLog
+            from ray_app.training.events import EventLog
 
             self.events = EventLog(events_path)
 
@@ -256,7 +256,7 @@ def batch_tokens(batch: dict[str, np.ndarray]) -> int:
 
 
 def worker_env(config: TrainConfig) -> dict[str, str]:
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    """What the workers need on top of the driver's ``cluster.worker_env_vars``."""
     if config.deepspeed.stage and not config.scaling.use_gpu:
-        env |= {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(config.paths.root / "torch_extensions")}
-    return env
+        return {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(config.paths.root / "torch_extensions")}
+    return {}

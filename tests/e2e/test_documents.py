@@ -190,6 +190,23 @@ def test_uploads_over_http(served, collection):
     assert name in {c["name"] for c in listed}
 
 
+def test_ingest_labels_files_with_the_collections_default_as_uploads_do(served, tmp_path):
+    """A collection created confidential keeps what the command line ingests into it confidential (it
+    took the ingest config's default, internal, while an upload to it took the collection's)."""
+    name = f"conf-{uuid.uuid4().hex[:8]}"
+    created = httpx.post(served.v1 + "/collections", json={"name": name, "default_sensitivity": "confidential"},
+                         timeout=60)
+    assert created.status_code == 201, created.text
+    config = IngestConfig.load(ROOT / "configs" / "ingest.yaml")
+    (tmp_path / "plans.md").write_text("# Plans\n\nThe merger closes in March.\n")
+    try:
+        report = run_ingest(str(tmp_path), name, config, progress=False)
+        assert [f.sensitivity for f in report.files] == ["confidential"]
+        assert {d["sensitivity"] for d in store_call(config, "documents", name).values()} == {"confidential"}
+    finally:
+        store_call(config, "drop_collection", name)
+
+
 def test_ocr_endpoint(served):
     png = good_files()["receipt.png"]
     response = httpx.post(served.v1 + "/ocr", files={"file": ("receipt.png", png, "image/png")}, timeout=120)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 
 from ray_app.documents.chunk import TokenChunker
-from ray_app.documents.config import ChunkingConfig, IngestConfig, OCRConfig
+from ray_app.documents.config import ChunkingConfig, DocumentLimits, IngestConfig, OCRConfig
 from ray_app.documents.knowledge import KnowledgeBase, LocalStore, UploadSettings
 from ray_app.documents.ocr import TesseractOCR
 from ray_app.documents.parse import DocumentParser, Element, RefusedFile, table_rows
-from ray_app.documents.processing import ocr_elements
+from ray_app.documents.pipeline import DocumentAssembler, EmbedStage, OCRStage, ParseStage, _rows
+from ray_app.documents.processing import DocMeta, DocumentSettings, build_records, ocr_elements
 from ray_app.documents.retrieval import RetrievalFilter, RetrievalOptions, rag_messages
 from ray_app.documents.sources import list_files, sensitivity_for
 from ray_app.documents.store import (
@@ -23,12 +24,12 @@ from ray_app.documents.store import (
     StoreError,
     point_id,
 )
-from tests.corpus import FACTS, broken_files, good_files, make_corpus, text_image
+from tests.corpus import FACTS, broken_files, good_files, make_corpus, text_image, text_pdf
 
 
 @pytest.fixture(scope="module")
 def embedder(data_dir):
-    from ray_app.embedder import SentenceEmbedder
+    from ray_app.documents.embedder import SentenceEmbedder
 
     return SentenceEmbedder(str(data_dir.model("all-minilm-l6-v2")), num_threads=1)
 
@@ -368,3 +369,120 @@ async def test_documents_are_listed_a_page_at_a_time_with_their_labels(knowledge
         await knowledge.documents("kb", after="no-such-doc")
     with pytest.raises(CollectionNotFound):
         await knowledge.documents("nope")
+
+
+# Both ingestion paths run the same steps (processing.DocumentSteps): the same file gets the same
+# outcome from an upload and from the pipeline's stages, called here on dict batches.
+
+def through_ray(batch: dict) -> dict:
+    """A batch as Ray Data hands it to the next stage: through an Arrow block, back to numpy."""
+    from ray.data.block import BlockAccessor, BlockType
+
+    return BlockAccessor.for_block(BlockAccessor.batch_to_block(batch, BlockType.ARROW)).to_batch_format("numpy")
+
+
+@pytest.fixture
+def both_paths(tmp_path, data_dir, embedder, ocr):
+    """``upload`` and ``pipeline`` (the stages on a dict batch, through Arrow between stages as Ray Data
+    passes them) on the same settings, each -> (an outcome, or a refusal as (code, message); the
+    payloads written). ``known`` is what the pipeline finds stored: doc_id -> (hash, label)."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    stores, embed_stages = [], {}
+
+    async def upload(settings: DocumentSettings, name: str, data: bytes):
+        store = EdgeVectorStore(tmp_path / f"collections-{len(stores)}")
+        stores.append(store)
+        store.ensure_collection("kb", embedder.dimensions, settings.embedder)
+
+        async def embed(texts):
+            return embedder.embed(texts)
+
+        async def ocr_fn(parsed, raw):
+            return ocr_elements(parsed, raw, ocr)
+
+        kb = KnowledgeBase(LocalStore(store), embed, embedder.tokenizer, ocr=ocr_fn, upload=UploadSettings(
+            settings.embedder, settings.max_tokens, settings.overlap, settings.ocr, settings.max_bytes, "internal",
+            limits=settings.limits))
+        try:
+            return await kb.ingest_file("kb", name, data), store.chunks("kb", 100)
+        except RefusedFile as e:
+            return (e.code, e.message), []
+
+    def pipeline(settings: DocumentSettings, name: str, data: bytes, known: dict | None = None):
+        (tmp_path / name).write_bytes(data)
+        [task] = list_files(str(tmp_path / name), IngestConfig())
+        batch = {k: np.array([v], dtype=object) for k, v in {**asdict(task), "doc_id": task.doc_id}.items()}
+        batch = through_ray(ParseStage(settings, known or {})(batch))
+        batch = through_ray(OCRStage(settings)(batch))
+        if repr(settings) not in embed_stages:
+            model = str(data_dir.model("all-minilm-l6-v2"))
+            embed_stages[repr(settings)] = EmbedStage(settings, model, "cpu", 1, 8)
+        assembler = DocumentAssembler()
+        for row in _rows(through_ray(embed_stages[repr(settings)](batch))):
+            meta = DocMeta(**row["doc"])
+            if row["status"] == "refused":
+                return (row["code"], row["reason"]), []
+            if row["status"] != "chunk":
+                return meta.outcome(row["status"]), []
+            if complete := assembler.add(row):
+                return meta.outcome("indexed", len(complete[0])), [r.payload for r in build_records(meta, *complete)]
+
+    yield SimpleNamespace(upload=upload, pipeline=pipeline)
+    for store in stores:
+        store.close()
+
+
+def settings(**changes) -> DocumentSettings:
+    values = {"embedder": "all-minilm-l6-v2", "max_tokens": 254, "overlap": 63, "ocr": OCRConfig(),
+              "limits": DocumentLimits(), "max_bytes": 10_000_000}
+    return DocumentSettings(**values | changes)
+
+
+LONG = b"# Long\n\n" + b"Quarterly numbers are reviewed by the finance team every month. " * 120
+REFUSALS = {  # name -> (bytes, settings, the refusal code)
+    # the pipeline indexed a document over limits.max_chunks: only uploads checked it
+    "long.md": (LONG, settings(limits=DocumentLimits(max_chunks=3)), "too_large"),
+    # a PDF without text that needs no OCR: "no text to index" from uploads, "..., with OCR" from the pipeline
+    "blank.pdf": (text_pdf([[]]), settings(ocr=OCRConfig(min_text_chars=0)), "no_text"),
+    "big.md": (LONG, settings(max_bytes=1000), "too_large"),
+    "blank.png": (broken_files()["blank.png"][0], settings(), "no_text"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+async def test_both_paths_refuse_a_file_alike(name, both_paths):
+    data, document_settings, code = REFUSALS[name]
+    upload, _ = await both_paths.upload(document_settings, name, data)
+    pipeline, _ = both_paths.pipeline(document_settings, name, data)
+    assert upload == pipeline and upload[0] == code, (upload, pipeline)
+
+
+async def test_a_parser_crash_is_a_refusal_on_both_paths(both_paths, monkeypatch):
+    # uploads let the exception through (an internal error) where the pipeline refused the file
+    def crash(self, name, data):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(DocumentParser, "parse", crash)
+    upload, _ = await both_paths.upload(settings(), "notes.md", b"# Notes\n\nSome text.")
+    pipeline, _ = both_paths.pipeline(settings(), "notes.md", b"# Notes\n\nSome text.")
+    assert upload == pipeline == ("parse_error", "RuntimeError: boom")
+
+
+async def test_both_paths_write_the_same_chunks(both_paths):
+    data = good_files()["scanned_memo.pdf"]
+    upload, stored = await both_paths.upload(settings(), "memo.pdf", data)
+    pipeline, written = both_paths.pipeline(settings(), "memo.pdf", data)
+    assert (upload.status, upload.chunks, upload.pages, upload.ocr_pages) == ("indexed", 1, 1, 1)
+    assert (pipeline.status, pipeline.chunks, pipeline.pages, pipeline.ocr_pages) == ("indexed", 1, 1, 1)
+    apart = ("doc_id", "source", "ingested_at")  # an upload's source is upload://<collection>/<name>
+    assert [{k: v for k, v in p.items() if k not in apart} for p in written] == \
+           [{k: v for k, v in p.items() if k not in apart} for p in stored]
+    assert "garage access code is 4417" in written[0]["text"]
+    doc_hash = written[0]["doc_hash"]
+    again, _ = both_paths.pipeline(settings(), "memo.pdf", data, {pipeline.doc_id: (doc_hash, "internal")})
+    relabelled, _ = both_paths.pipeline(settings(), "memo.pdf", data, {pipeline.doc_id: (doc_hash, "public")})
+    assert (again.status, relabelled.status) == ("unchanged", "relabelled")

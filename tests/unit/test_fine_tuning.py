@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from ray_app.fine_tuning.events import EventLog, StatusFile
+from ray_app.training.events import EventLog, StatusFile
 from ray_app.fine_tuning.files import FileStore, TrainingFileError, check_training_lines
 from ray_app.fine_tuning.jobs import FineTuningService, JobSpec, JobStore, LocalModel
 from ray_app.serve.config import GatewayConfig

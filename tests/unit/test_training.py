@@ -190,6 +190,19 @@ def test_train_configs_validate():
         TrainConfig.load(ROOT / "configs/train/lora_tiny.yaml", {"method": "qlora", "deepspeed.stage": 2})
 
 
+def test_training_workers_take_the_drivers_hub_setting(monkeypatch):
+    from ray_app.cluster import worker_env_vars
+    from ray_app.training.loop import worker_env
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    config = TrainConfig.load(ROOT / "configs/train/lora_tiny.yaml", {"deepspeed.stage": 2, "scaling.use_gpu": False})
+    env = worker_env_vars(worker_env(config))
+    assert (env["HF_HUB_OFFLINE"], env["TOKENIZERS_PARALLELISM"], env["DS_ACCELERATOR"]) == ("1", "false", "cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a driver allowed onto the hub lets its workers on too
+    assert worker_env_vars(worker_env(TrainConfig.load(ROOT / "configs/train/lora_tiny.yaml"))) == {
+        "HF_HUB_OFFLINE": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
 @pytest.fixture
 def registry(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
