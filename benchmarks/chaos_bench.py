@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
         from benchmarks.common import free_port
 
         port = args.port or free_port()
+        for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):  # beside a running server
+            os.environ.setdefault(name, str(free_port()))
         # the Router replica reads the (loopback) cloud target's key from its environment
         ray.init(address=args.address, num_cpus=None if args.address else 4, include_dashboard=False,
                  logging_level="ERROR", log_to_driver=False,

@@ -213,6 +213,9 @@ class OnServe:
         if not ray.is_initialized():
             self.started_ray = True
             self.port = self.port or free_port()
+            # HAProxy's fixed statistics and metrics ports would clash with a server running beside
+            os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
+            os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, runtime_env=self.runtime_env,
                      logging_level="ERROR", log_to_driver=False)
             serve.start(http_options={"host": "127.0.0.1", "port": self.port})

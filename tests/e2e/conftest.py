@@ -91,6 +91,10 @@ def ray_cluster(data_dir):
     # the serving mode the README starts (override by exporting a variable before pytest)
     for key, value in SERVING_ENV.items():
         os.environ.setdefault(key, value)
+    # HAProxy's statistics and metrics ports are fixed by default: free ones here, so the session's cluster
+    # starts beside a server the user runs (or another test cluster) on the same machine
+    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
     # Credentials for the loopback stand-ins of the cloud providers, in the environment as in production:
     # the cluster's workers inherit it. boto3 signs with these (SigV4); the servers never see a real key.
     os.environ.update({"RAY_APP_TEST_OPENAI_KEY": "sk-loopback", "AWS_ACCESS_KEY_ID": "AKIALOOPBACK",
