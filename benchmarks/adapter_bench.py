@@ -34,7 +34,6 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, write_results  # noqa: E402
 from benchmarks.load import PROMPT, OnServe, run_level, wait_ready  # noqa: E402
-from ray_app.serve import SERVING_ENV  # noqa: E402
 
 ADAPTERS = [f"style{i}" for i in range(4)]
 
@@ -90,8 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
     output_tokens = args.output_tokens or (8 if args.smoke else 64)
     rounds_n = args.rounds or (1 if args.smoke else 3)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for key, value in SERVING_ENV.items():  # the README's serving mode, for a cluster this script starts
-        os.environ.setdefault(key, value)
 
     from ray_app.serve.app import resolve_sources
     from ray_app.serve.config import AppConfig

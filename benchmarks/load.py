@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import free_port, percentile
+from ray_app.serve import SERVING_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_WORDS = ("Ray Serve routes each request to a replica of the model. " * 40).split()
@@ -189,7 +190,8 @@ class OnServe:
     """An application of ours on Ray Serve under its own name and route prefix.
 
     On the cluster this process is already connected to (the test session's: a benchmark's smoke run
-    shares it, ``port`` is its proxy), or on a local Ray it starts and stops (``num_cpus`` logical CPUs).
+    shares it, ``port`` is its proxy), or on a local Ray it starts, in the README's serving mode, and
+    stops (``num_cpus`` logical CPUs).
     Its spend ledger is a temporary file unless the args name one: a benchmark's requests are not a
     user's spend.
     """
@@ -213,7 +215,10 @@ class OnServe:
         if not ray.is_initialized():
             self.started_ray = True
             self.port = self.port or free_port()
-            # HAProxy's fixed statistics and metrics ports would clash with a server running beside
+            # the README's serving mode; HAProxy's fixed statistics and metrics ports would clash with a
+            # server running beside
+            for key, value in SERVING_ENV.items():
+                os.environ.setdefault(key, value)
             os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
             os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, runtime_env=self.runtime_env,

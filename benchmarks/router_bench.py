@@ -34,7 +34,6 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, write_results  # noqa: E402
 from benchmarks.load import PROMPT, PROMPT_WORDS, OnServe, run_level, wait_ready  # noqa: E402
-from ray_app.serve import SERVING_ENV  # noqa: E402
 
 PROMPTS = {
     "short chat": "What is a good name for a cat?",
@@ -142,8 +141,6 @@ def main(argv: list[str] | None = None) -> dict:
     output_tokens = args.output_tokens or (8 if args.smoke else 32)
     rounds_n = args.rounds or (1 if args.smoke else 3)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for key, value in SERVING_ENV.items():  # the README's serving mode, for a cluster this script starts
-        os.environ.setdefault(key, value)
 
     app_args, runtime_env, model = bench_app(args.smoke)
     report: dict = {"benchmark": "router_bench", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
@@ -168,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
                 report["throughput"][str(c)] = {
                     "direct_tokens_per_s": round(direct, 1), "routed_tokens_per_s": round(routed, 1),
                     "ratio": round(routed / direct, 3) if direct else None,
+                    # each round's own ratio: the two were measured in the same minute of a shared machine
+                    "ratio_per_round": [round(a.tokens_per_s / b.tokens_per_s, 3)
+                                        for a, b in zip(rounds["auto"], rounds[model]) if b.tokens_per_s],
                     "direct_ttft_p50_ms": statistics.median(x.ttft_p50_ms for x in rounds[model]),
                     "routed_ttft_p50_ms": statistics.median(x.ttft_p50_ms for x in rounds["auto"]),
                     "errors": sum(x.errors for x in rounds[model] + rounds["auto"]),
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"decision: p50 {report['decision']['all']['p50_us']} us, p99 {report['decision']['all']['p99_us']} us")
     for c, t in report["throughput"].items():
         print(f"c={c}: direct {t['direct_tokens_per_s']} tok/s, routed {t['routed_tokens_per_s']} tok/s "
-              f"({t['ratio']}x), TTFT p50 {t['direct_ttft_p50_ms']:.0f} -> {t['routed_ttft_p50_ms']:.0f} ms")
+              f"({t['ratio']}x; rounds {t['ratio_per_round']}), TTFT p50 {t['direct_ttft_p50_ms']:.0f} -> "
+              f"{t['routed_ttft_p50_ms']:.0f} ms")
     write_results("router_bench" + ("_smoke" if args.smoke else ""), report, Path(args.out),
                   plot if report["throughput"] else None)
     return report

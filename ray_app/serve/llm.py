@@ -7,6 +7,8 @@ read-only methods to its server.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
@@ -14,6 +16,7 @@ from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 from ray_app.serve.config import AdapterServeSettings, LLMConfigModel
 
 DEPLOYMENT_PREFIX = "LLM:"
+logger = logging.getLogger("ray_app.llm")
 
 
 class LLMDeployment(LLMServer):
@@ -27,12 +30,38 @@ class LLMDeployment(LLMServer):
             catalog = catalog_for(llm_config.model_id, AdapterServeSettings.model_validate(adapters), data_dir)
             kwargs["model_downloader"] = adapter_loader_class(catalog)
         await super().__init__(llm_config, **kwargs)
+        if (cores := keep_off_engine_cores()) is not None:
+            logger.info("this replica's threads run on cores %s, off the CPU engine's worker", sorted(cores))
 
     async def num_unfinished_requests(self) -> int:
         # Requests the engine still holds (running or waiting): what an abort must bring back to 0.
         from ray_app.serve.internals import engine_unfinished_requests
 
         return engine_unfinished_requests(self)
+
+
+def cores_off_engine(own: set[int], engine: set[int]) -> set[int] | None:
+    """The cores this process should keep to: its own minus the engine worker's, if any remain."""
+    rest = own - engine
+    return rest if engine and rest and rest != own else None
+
+
+def keep_off_engine_cores() -> set[int] | None:
+    """Move this replica's threads (HTTP, the gateway, detokenizing) off the cores vLLM's CPU worker is
+    bound to. vLLM binds the worker's OpenMP threads to cores (``VLLM_CPU_OMP_THREADS_BIND=auto``) and
+    leaves the rest to its scheduler and the frontend; a thread of ours woken on the worker's core
+    preempts a forward pass. Measured on 2 cores, SmolLM2 without LoRA, 32 clients, 3 rounds against
+    ``vllm serve``: 0.86-1.01x unpinned, 0.97-1.06x pinned. A GPU worker is bound to no core: nothing moves."""
+    import psutil
+
+    me = psutil.Process()
+    engine = {core for child in me.children(recursive=True) if child.name() == "VLLM::Worker"
+              for core in child.cpu_affinity()}
+    cores = cores_off_engine(set(me.cpu_affinity()), engine)
+    if cores is not None:
+        for thread in me.threads():  # threads started later inherit their creator's cores
+            os.sched_setaffinity(thread.id, cores)
+    return cores
 
 
 def to_llm_config(model: LLMConfigModel, model_path: str) -> LLMConfig:

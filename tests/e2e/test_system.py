@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -42,3 +43,16 @@ def test_our_metrics_reach_rays_prometheus_endpoint(served, ray_cluster):
     assert any(line.startswith("ray_ray_app_tokens_total{") and 'direction="out"' in line for line in lines)
     assert any(line.startswith("ray_ray_app_errors_total{") and 'status="404"' in line for line in lines)
     assert any(line.startswith("ray_ray_app_request_seconds_bucket{") for line in lines)
+
+
+def test_the_hosting_replica_keeps_off_the_core_its_cpu_engine_computes_on(served):
+    import psutil
+
+    replicas = [p for p in psutil.process_iter(["cmdline"])
+                if "ServeReplica:ray_app:LLM:smollm2-135m-instruct" in " ".join(p.info["cmdline"] or [])[:200]]
+    assert len(replicas) == 1
+    workers = [c for c in replicas[0].children(recursive=True) if c.name() == "VLLM::Worker"]
+    engine = {core for w in workers for core in w.cpu_affinity()}
+    assert workers and engine and len(engine) < psutil.cpu_count()
+    threads = {core for t in replicas[0].threads() for core in os.sched_getaffinity(t.id)}
+    assert threads and not threads & engine

@@ -148,6 +148,16 @@ def test_gpu_llm_asks_for_a_gpu_and_keeps_cpu_env_out():
     assert bundles[0]["GPU"] == 1
 
 
+def test_a_replica_keeps_off_the_cores_of_its_cpu_engine_and_only_then():
+    from ray_app.serve.llm import cores_off_engine
+
+    assert cores_off_engine({0, 1}, {0}) == {1}  # vLLM bound its worker to core 0
+    assert cores_off_engine({0, 1, 2, 3}, {1, 2}) == {0, 3}
+    assert cores_off_engine({0, 1}, set()) is None  # no CPU worker (a GPU engine): nothing moves
+    assert cores_off_engine({0, 1}, {0, 1}) is None  # nothing would be left
+    assert cores_off_engine({0, 1}, {4}) is None  # the worker is elsewhere already
+
+
 def test_config_is_not_mutated_by_translation():
     model = LLMConfigModel(name="m", source="x", engine_kwargs={"dtype": "float32"})
     before = copy.deepcopy(model.model_dump())
