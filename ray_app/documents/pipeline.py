@@ -22,6 +22,7 @@ from dataclasses import asdict
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from ray_app.documents.chunk import Chunk
 from ray_app.documents.config import IngestConfig, Sensitivity
@@ -42,20 +43,10 @@ DOC_COLUMNS = ("doc", "status", "code", "reason", "elements", "ocr_pages", "data
 CHUNK_COLUMNS = ("doc", "status", "code", "reason", "chunk", "chunk_count", "sparse_indices", "sparse_values")
 
 
-def _plain(value: Any) -> Any:
-    """A value as Python builds it: Arrow hands lists back as numpy arrays and ints as numpy ints."""
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    columns = {k: v if k == "dense" else [_plain(x) for x in v] for k, v in batch.items()}
-    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+def _rows(batch: pa.Table) -> list[dict[str, Any]]:
+    """A batch's rows as Python values. Arrow's own conversion keeps an int an int; its numpy one turns an
+    int field that is null in some row of the batch (a PDF's page beside a Markdown file's) into a float."""
+    return batch.to_pylist()
 
 
 def _columns(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -91,7 +82,7 @@ class ParseStage:
         self.steps = DocumentSteps(settings)
         self.known = known
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         return _columns([self.one(task) for task in _rows(batch)], DOC_COLUMNS)
 
     def one(self, task: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +107,7 @@ class OCRStage:
     def __init__(self, settings: DocumentSettings):
         self.ocr = TesseractOCR(settings.ocr, limits=settings.limits)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         return _columns([self.one(row) for row in _rows(batch)], DOC_COLUMNS)
 
     def one(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +132,7 @@ class EmbedStage:
         self.embedder = SentenceEmbedder(embedder_path, device=device, num_threads=num_threads, batch_size=batch_size)
         self.steps = DocumentSteps(settings, self.embedder.tokenizer)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         rows = [out for row in _rows(batch) for out in self.chunks(row)]
         texts = [row["chunk"]["text"] for row in rows if row["status"] == CHUNK]
         dense = np.zeros((len(rows), self.embedder.dimensions), dtype=np.float32)
@@ -177,7 +168,7 @@ def build_dataset(tasks: list[FileTask], config: IngestConfig, settings: Documen
 
     def stage(name: str) -> dict[str, Any]:
         resources = stages[name]
-        return {"compute": ActorPoolStrategy(size=resources.concurrency), "batch_format": "numpy",
+        return {"compute": ActorPoolStrategy(size=resources.concurrency), "batch_format": "pyarrow",
                 **resources.map_batches_kwargs() | {"num_cpus": cpus[name]}}
 
     items = [{**asdict(t), "doc_id": t.doc_id} for t in tasks]
@@ -290,5 +281,5 @@ def run_ingest(source: str, collection: str, config: IngestConfig, sensitivity: 
 
 
 def _iter_rows(dataset) -> Iterator[dict[str, Any]]:
-    for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         yield from _rows(batch)

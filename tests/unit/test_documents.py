@@ -374,11 +374,11 @@ async def test_documents_are_listed_a_page_at_a_time_with_their_labels(knowledge
 # Both ingestion paths run the same steps (processing.DocumentSteps): the same file gets the same
 # outcome from an upload and from the pipeline's stages, called here on dict batches.
 
-def through_ray(batch: dict) -> dict:
-    """A batch as Ray Data hands it to the next stage: through an Arrow block, back to numpy."""
+def through_ray(batch: dict):
+    """A batch as Ray Data hands it to the next stage: an Arrow block, in the stages' batch format."""
     from ray.data.block import BlockAccessor, BlockType
 
-    return BlockAccessor.for_block(BlockAccessor.batch_to_block(batch, BlockType.ARROW)).to_batch_format("numpy")
+    return BlockAccessor.for_block(BlockAccessor.batch_to_block(batch, BlockType.ARROW)).to_batch_format("pyarrow")
 
 
 @pytest.fixture
@@ -412,17 +412,23 @@ def both_paths(tmp_path, data_dir, embedder, ocr):
         except RefusedFile as e:
             return (e.code, e.message), []
 
-    def pipeline(settings: DocumentSettings, name: str, data: bytes, known: dict | None = None):
-        (tmp_path / name).write_bytes(data)
-        [task] = list_files(str(tmp_path / name), IngestConfig())
-        batch = {k: np.array([v], dtype=object) for k, v in {**asdict(task), "doc_id": task.doc_id}.items()}
-        batch = through_ray(ParseStage(settings, known or {})(batch))
+    def rows(settings: DocumentSettings, files: dict[str, bytes], known: dict | None = None) -> list[dict]:
+        """The rows the driver reads for ``files`` ingested as one batch."""
+        items = []
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+            items += [{**asdict(task), "doc_id": task.doc_id} for task in list_files(str(tmp_path / name), IngestConfig())]
+        batch = {k: np.array([item[k] for item in items], dtype=object) for k in items[0]}
+        batch = through_ray(ParseStage(settings, known or {})(through_ray(batch)))
         batch = through_ray(OCRStage(settings)(batch))
         if repr(settings) not in embed_stages:
             model = str(data_dir.model("all-minilm-l6-v2"))
             embed_stages[repr(settings)] = EmbedStage(settings, model, "cpu", 1, 8)
+        return _rows(through_ray(embed_stages[repr(settings)](batch)))
+
+    def pipeline(settings: DocumentSettings, name: str, data: bytes, known: dict | None = None):
         assembler = DocumentAssembler()
-        for row in _rows(through_ray(embed_stages[repr(settings)](batch))):
+        for row in rows(settings, {name: data}, known):
             meta = DocMeta(**row["doc"])
             if row["status"] == "refused":
                 return (row["code"], row["reason"]), []
@@ -431,7 +437,7 @@ def both_paths(tmp_path, data_dir, embedder, ocr):
             if complete := assembler.add(row):
                 return meta.outcome("indexed", len(complete[0])), [r.payload for r in build_records(meta, *complete)]
 
-    yield SimpleNamespace(upload=upload, pipeline=pipeline)
+    yield SimpleNamespace(upload=upload, pipeline=pipeline, rows=rows)
     for store in stores:
         store.close()
 
@@ -486,3 +492,23 @@ async def test_both_paths_write_the_same_chunks(both_paths):
     again, _ = both_paths.pipeline(settings(), "memo.pdf", data, {pipeline.doc_id: (doc_hash, "internal")})
     relabelled, _ = both_paths.pipeline(settings(), "memo.pdf", data, {pipeline.doc_id: (doc_hash, "public")})
     assert (again.status, relabelled.status) == ("unchanged", "relabelled")
+
+
+def test_the_pipeline_keeps_ints_ints_in_a_batch_of_mixed_documents(both_paths):
+    # Arrow's numpy conversion made an int field that is null in some row of a batch a float: a refusal's
+    # empty chunk made every chunk_index a float, which qdrant-client's local mode matched to no chunk 0,
+    # so a collection ingested by the pipeline listed no documents
+    files = {"notes.md": b"# Notes\n\nSome text.", "memo.pdf": good_files()["handbook.pdf"],
+             "blank.png": broken_files()["blank.png"][0]}
+    assembler, payloads, statuses = DocumentAssembler(), [], {}
+    for row in both_paths.rows(settings(), files):
+        statuses[row["doc"]["path"]] = row["status"]
+        if row["status"] == "chunk" and (complete := assembler.add(row)):
+            payloads += [r.payload for r in build_records(DocMeta(**row["doc"]), *complete)]
+    assert statuses == {"notes.md": "chunk", "memo.pdf": "chunk", "blank.png": "refused"}
+    assert sorted((p["path"], p["chunk_index"], p["page"]) for p in payloads) == \
+           [("memo.pdf", 0, 1), ("memo.pdf", 1, 2), ("notes.md", 0, None)]
+    for p in payloads:
+        ints = {k: p[k] for k in ("chunk_index", "chunk_count", "char_start", "char_end", "tokens")}
+        assert all(type(v) is int for v in ints.values()), p
+        assert p["page"] is None or type(p["page"]) is int, p
