@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import copy
 import json
-import logging
 import os
 import signal
 import sys
@@ -47,7 +46,6 @@ from benchmarks.common import machine, percentile, write_results  # noqa: E402
 from benchmarks.load import wait_ready  # noqa: E402
 
 APP = "ray_app_chaos"
-logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the report
 KINDS = ("stream", "chat", "cloud", "retrieve")
 
 

@@ -4,6 +4,7 @@ the JSON + PNG pair under ``benchmarks/results/``."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import socket
@@ -11,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# a benchmark's clients send thousands of requests: httpx's line per request would drown the report
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine, percentile, write_results  # noqa: E402
 from tests.corpus import FACTS, make_corpus  # noqa: E402
 
-logging.getLogger("httpx").setLevel(logging.WARNING)
 COLLECTION = "journey-bench"
 GOALS = {"failed_chats_training": 0, "p50_training_vs_idle": 2.0, "create_to_first_token_s": 180.0}
 
