@@ -290,11 +290,10 @@ def main(argv: list[str] | None = None) -> dict:
     cloud = OpenAIServer("Hello from the loopback cloud").start()
     started_ray = not ray.is_initialized()
     if started_ray:
-        from benchmarks.common import free_port
+        from benchmarks.common import free_port, prepare_local_ray
 
         port = args.port or free_port()
-        for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):  # beside a running server
-            os.environ.setdefault(name, str(free_port()))
+        prepare_local_ray({})  # HAProxy ports of its own, beside a running server
         # the Router replica reads the (loopback) cloud target's key from its environment
         ray.init(address=args.address, num_cpus=None if args.address else 4, include_dashboard=False,
                  logging_level="ERROR", log_to_driver=False,

@@ -31,6 +31,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def prepare_local_ray(serving_env: dict[str, str]) -> None:
+    """Before this process starts a Ray cluster of its own: ``serving_env`` (a variable the caller
+    exported wins), and HAProxy's statistics and metrics ports on free ones: its defaults are fixed and
+    would clash with a server running beside (the user's, or another test cluster)."""
+    for key, value in serving_env.items():
+        os.environ.setdefault(key, value)
+    for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        os.environ.setdefault(name, str(free_port()))
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import free_port, percentile
+from benchmarks.common import free_port, percentile, prepare_local_ray
 from ray_app.serve import SERVING_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,12 +215,7 @@ class OnServe:
         if not ray.is_initialized():
             self.started_ray = True
             self.port = self.port or free_port()
-            # the README's serving mode; HAProxy's fixed statistics and metrics ports would clash with a
-            # server running beside
-            for key, value in SERVING_ENV.items():
-                os.environ.setdefault(key, value)
-            os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
-            os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+            prepare_local_ray(SERVING_ENV)  # the README's serving mode
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, runtime_env=self.runtime_env,
                      logging_level="ERROR", log_to_driver=False)
             serve.start(http_options={"host": "127.0.0.1", "port": self.port})

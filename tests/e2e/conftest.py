@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import httpx
 import pytest
 import yaml
 
+from benchmarks.common import free_port, prepare_local_ray
 from ray_app.serve import SERVING_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,12 +40,6 @@ def pytest_collection_modifyitems(config, items):
     # the journey starts a cluster the README's way, on the machine's default addresses: before the
     # session's own cluster exists (a stable sort keeps every other test's order)
     items.sort(key=lambda item: item.path.name != "test_journey.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shipped_application() -> dict:
@@ -88,13 +82,9 @@ def ray_cluster(data_dir):
     import ray
     from ray import serve
 
-    # the serving mode the README starts (override by exporting a variable before pytest)
-    for key, value in SERVING_ENV.items():
-        os.environ.setdefault(key, value)
-    # HAProxy's statistics and metrics ports are fixed by default: free ones here, so the session's cluster
-    # starts beside a server the user runs (or another test cluster) on the same machine
-    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+    # the serving mode the README starts (override by exporting a variable before pytest), beside a server
+    # the user runs on the same machine
+    prepare_local_ray(SERVING_ENV)
     # Credentials for the loopback stand-ins of the cloud providers, in the environment as in production:
     # the cluster's workers inherit it. boto3 signs with these (SigV4); the servers never see a real key.
     os.environ.update({"RAY_APP_TEST_OPENAI_KEY": "sk-loopback", "AWS_ACCESS_KEY_ID": "AKIALOOPBACK",
