@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,12 @@ PROMPT_WORDS = ("Ray Serve routes each request to a replica of the model. " * 40
 PROMPT = " ".join(PROMPT_WORDS[:100])
 
 __all__ = ["PROMPT", "PROMPT_WORDS", "LevelResult", "OnServe", "RawVLLM", "RequestResult", "count_prompt_tokens",
-           "median_level", "one_request", "run_level", "wait_ready"]
+           "median_level", "one_request", "run_interleaved", "run_level", "wait_ready"]
 
 
 @dataclass
 class RequestResult:
+    model: str
     ttft_s: float
     itls_s: list[float]
     output_tokens: int
@@ -77,7 +79,44 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str
                 token_times.append(now)
     end = time.perf_counter()
     itls = [b - a for a, b in zip(token_times, token_times[1:])]
-    return RequestResult(token_times[0] - start, itls, usage_tokens, end - start)
+    return RequestResult(model, token_times[0] - start, itls, usage_tokens, end - start)
+
+
+async def _drive(base_url: str, pick: Callable[[int, int], str], prompt: str, concurrency: int,
+                 requests_per_client: int, output_tokens: int) -> tuple[list[RequestResult], list[str], float]:
+    """``concurrency`` clients, each sending ``requests_per_client`` requests one after another; client
+    ``i``'s ``j``-th asks for ``pick(i, j)``. The results, the models of the failed requests, the wall time."""
+    url = base_url + "/v1/chat/completions"
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    results: list[RequestResult] = []
+    failed: list[str] = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as http:
+
+        async def client(i: int) -> None:
+            for j in range(requests_per_client):
+                model = pick(i, j)
+                try:
+                    results.append(await one_request(http, url, model, prompt, output_tokens))
+                except (httpx.HTTPError, KeyError, IndexError):
+                    failed.append(model)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        wall = time.perf_counter() - start
+    return results, failed, wall
+
+
+def _level(concurrency: int, results: list[RequestResult], errors: int, wall: float,
+           tokens_per_s: float) -> LevelResult:
+    ttfts = [r.ttft_s * 1000 for r in results]
+    itls = [x * 1000 for r in results for x in r.itls_s]
+    return LevelResult(
+        concurrency=concurrency, requests=len(results), wall_s=round(wall, 2),
+        output_tokens=sum(r.output_tokens for r in results), tokens_per_s=round(tokens_per_s, 2),
+        ttft_p50_ms=round(percentile(ttfts, 50), 1), ttft_p99_ms=round(percentile(ttfts, 99), 1),
+        itl_p50_ms=round(percentile(itls, 50), 1), itl_p99_ms=round(percentile(itls, 99), 1),
+        errors=errors,
+    )
 
 
 async def run_level(base_url: str, models: str | list[str], prompt: str, concurrency: int, requests_per_client: int,
@@ -85,33 +124,27 @@ async def run_level(base_url: str, models: str | list[str], prompt: str, concurr
     """``concurrency`` clients, each sending ``requests_per_client`` requests one after another; client
     ``i`` asks for ``models[i % len(models)]`` (one model, or a mix such as several adapters)."""
     models = [models] if isinstance(models, str) else models
-    url = base_url + "/v1/chat/completions"
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as http:
-        results: list[RequestResult] = []
-        errors = 0
+    results, failed, wall = await _drive(base_url, lambda i, j: models[i % len(models)], prompt, concurrency,
+                                         requests_per_client, output_tokens)
+    return _level(concurrency, results, len(failed), wall, sum(r.output_tokens for r in results) / wall)
 
-        async def client(i: int) -> None:
-            nonlocal errors
-            for _ in range(requests_per_client):
-                try:
-                    results.append(await one_request(http, url, models[i % len(models)], prompt, output_tokens))
-                except (httpx.HTTPError, KeyError, IndexError):
-                    errors += 1
 
-        start = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(concurrency)))
-        wall = time.perf_counter() - start
-    ttfts = [r.ttft_s * 1000 for r in results]
-    itls = [x * 1000 for r in results for x in r.itls_s]
-    tokens = sum(r.output_tokens for r in results)
-    return LevelResult(
-        concurrency=concurrency, requests=len(results), wall_s=round(wall, 2), output_tokens=tokens,
-        tokens_per_s=round(tokens / wall, 2),
-        ttft_p50_ms=round(percentile(ttfts, 50), 1), ttft_p99_ms=round(percentile(ttfts, 99), 1),
-        itl_p50_ms=round(percentile(itls, 50), 1), itl_p99_ms=round(percentile(itls, 99), 1),
-        errors=errors,
-    )
+async def run_interleaved(base_url: str, models: list[str], prompt: str, concurrency: int,
+                          requests_per_client: int, output_tokens: int) -> dict[str, LevelResult]:
+    """One level in which every client takes the models in turn, request by request (client ``i``
+    starts with ``models[i % len(models)]``), so each model's requests meet the same load at the same
+    moments: two servers' paths compared without the drift between rounds. A model's ``tokens_per_s``
+    is its requests' own rate (their tokens over the seconds they took) times ``concurrency``: what
+    the level would give if every request were that model's."""
+    results, failed, wall = await _drive(base_url, lambda i, j: models[(i + j) % len(models)], prompt,
+                                         concurrency, requests_per_client, output_tokens)
+    levels = {}
+    for model in models:
+        mine = [r for r in results if r.model == model]
+        busy = sum(r.seconds for r in mine)
+        rate = sum(r.output_tokens for r in mine) / busy * concurrency if busy else 0.0
+        levels[model] = _level(concurrency, mine, failed.count(model), wall, rate)
+    return levels
 
 
 def median_level(concurrency: int, results: list[LevelResult]) -> dict:

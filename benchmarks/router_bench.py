@@ -5,15 +5,25 @@ vs. naming the model directly, in the same run.
    ``configs/router.yaml`` (all four targets deployed) for a mix of prompts (short chat, code, a
    ~2,000-token document to summarise, a prompt with a card number); p50/p99 in microseconds.
 2. Throughput: the shipped app (SmolLM2 + the Router deployment; no cloud credentials, so ``auto``
-   picks the local model) under concurrent streaming clients, alternating rounds of ``model:
-   smollm2-135m-instruct`` and ``model: auto``. Both stream from the LLM deployment's handle; ``auto``
-   adds the decision and the route's headers. Medians of the rounds; the ratio is routed / direct.
+   picks the local model) under concurrent streaming clients sending ``model: smollm2-135m-instruct``
+   (direct) and ``model: auto`` (routed). Both take the same in-process path to the engine; ``auto``
+   adds the decision and the route's headers. Two ways to compare them:
+
+   - ``interleaved`` (default): both kinds in one level, each client taking them in turn, so they meet
+     the same load at the same moments; a kind's throughput is its requests' own rate (their tokens
+     over the seconds they took) times the clients (``load.run_interleaved``). It compares each
+     request's own path; CPU that one kind burns slows both alike, so only the other mode shows it.
+   - ``alternating``: one level per kind, one after the other; the whole level's throughput, so any
+     shared cost counts, and so does the machine's drift between the two levels (on 2 shared cores
+     the same server's throughput moves by 20% from one minute to the next).
+
+   Medians of the rounds, which swap the kind that goes (or starts) first; the ratio is routed / direct.
 
     python benchmarks/router_bench.py
-    python benchmarks/router_bench.py --concurrency 1 8 --rounds 2
+    python benchmarks/router_bench.py --concurrency 8 32 --rounds 5 --mode alternating
     python benchmarks/router_bench.py --smoke --port PORT     # tiny model, seconds, on a running cluster
 
-Writes benchmarks/results/router_bench.json and router_bench.png.
+Writes benchmarks/results/router_bench.json and router_bench.png (``_smoke``, ``_alternating``).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine, write_results  # noqa: E402
-from benchmarks.load import PROMPT, PROMPT_WORDS, OnServe, run_level, wait_ready  # noqa: E402
+from benchmarks.load import PROMPT, PROMPT_WORDS, OnServe, run_interleaved, run_level, wait_ready  # noqa: E402
 
 PROMPTS = {
     "short chat": "What is a good name for a cat?",
@@ -127,7 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 clients, 1 round (tests)")
     parser.add_argument("--iterations", type=int, default=None, help="decisions timed per prompt (default 5000)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 8 32; smoke 2")
-    parser.add_argument("--requests-per-client", type=int, default=None, help="default 4; smoke 2")
+    parser.add_argument("--mode", choices=["interleaved", "alternating"], default="interleaved",
+                        help="both kinds in one level, each client taking them in turn (default), or one "
+                             "level per kind, one after the other")
+    parser.add_argument("--requests-per-client", type=int, default=None,
+                        help="per level; interleaved: half direct, half routed (default 8; smoke 2)")
     parser.add_argument("--output-tokens", type=int, default=None, help="default 32; smoke 8")
     parser.add_argument("--rounds", type=int, default=None, help="default 3; smoke 1")
     parser.add_argument("--skip-serving", action="store_true", help="only time the decisions")
@@ -137,14 +151,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     iterations = args.iterations or (200 if args.smoke else 5000)
     concurrency = args.concurrency or ([2] if args.smoke else [1, 8, 32])
-    per_client = args.requests_per_client or (2 if args.smoke else 4)
+    per_client = args.requests_per_client or (2 if args.smoke else 8)
     output_tokens = args.output_tokens or (8 if args.smoke else 32)
     rounds_n = args.rounds or (1 if args.smoke else 3)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     app_args, runtime_env, model = bench_app(args.smoke)
     report: dict = {"benchmark": "router_bench", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
-                    "settings": {"model": model, "output_tokens": output_tokens, "rounds": rounds_n,
+                    "settings": {"model": model, "output_tokens": output_tokens, "rounds": rounds_n, "mode": args.mode,
+                                 "requests_per_client": per_client,
                                  "iterations": iterations, "smoke": args.smoke},
                     "decision": decision_times(iterations), "throughput": {}, "goals": GOALS}
     if not args.skip_serving:
@@ -155,19 +170,26 @@ def main(argv: list[str] | None = None) -> dict:
             for c in concurrency:
                 rounds: dict[str, list] = {model: [], "auto": []}
                 for r in range(rounds_n):
-                    for m in ((model, "auto") if r % 2 == 0 else ("auto", model)):
-                        level = asyncio.run(run_level(ours.base_url, m, PROMPT, c, per_client, output_tokens))
-                        rounds[m].append(level)
-                        print(f"c={c} round {r + 1} {m:22s} {level.tokens_per_s:7.1f} tok/s  "
-                              f"TTFT p50 {level.ttft_p50_ms:.0f} ms  errors {level.errors}", flush=True)
+                    order = [model, "auto"] if r % 2 == 0 else ["auto", model]  # who goes (or starts) first
+                    if args.mode == "interleaved":
+                        levels = asyncio.run(run_interleaved(ours.base_url, order, PROMPT, c, per_client,
+                                                             output_tokens))
+                    else:
+                        levels = {m: asyncio.run(run_level(ours.base_url, m, PROMPT, c, per_client, output_tokens))
+                                  for m in order}
+                    for m in order:
+                        rounds[m].append(levels[m])
+                        print(f"c={c} round {r + 1} {m:22s} {levels[m].tokens_per_s:7.1f} tok/s  "
+                              f"TTFT p50 {levels[m].ttft_p50_ms:.0f} ms  errors {levels[m].errors}", flush=True)
                 direct = statistics.median(x.tokens_per_s for x in rounds[model])
                 routed = statistics.median(x.tokens_per_s for x in rounds["auto"])
                 report["throughput"][str(c)] = {
                     "direct_tokens_per_s": round(direct, 1), "routed_tokens_per_s": round(routed, 1),
                     "ratio": round(routed / direct, 3) if direct else None,
-                    # each round's own ratio: the two were measured in the same minute of a shared machine
+                    # each round's own ratio: the two kinds shared that level's clients and moments
                     "ratio_per_round": [round(a.tokens_per_s / b.tokens_per_s, 3)
                                         for a, b in zip(rounds["auto"], rounds[model]) if b.tokens_per_s],
+                    "ttft_p50_ms_per_round": {m: [x.ttft_p50_ms for x in v] for m, v in rounds.items()},
                     "direct_ttft_p50_ms": statistics.median(x.ttft_p50_ms for x in rounds[model]),
                     "routed_ttft_p50_ms": statistics.median(x.ttft_p50_ms for x in rounds["auto"]),
                     "errors": sum(x.errors for x in rounds[model] + rounds["auto"]),
@@ -177,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"c={c}: direct {t['direct_tokens_per_s']} tok/s, routed {t['routed_tokens_per_s']} tok/s "
               f"({t['ratio']}x; rounds {t['ratio_per_round']}), TTFT p50 {t['direct_ttft_p50_ms']:.0f} -> "
               f"{t['routed_ttft_p50_ms']:.0f} ms")
-    write_results("router_bench" + ("_smoke" if args.smoke else ""), report, Path(args.out),
+    stem = "router_bench" + ("_smoke" if args.smoke else "") + ("_alternating" if args.mode == "alternating" else "")
+    write_results(stem, report, Path(args.out),
                   plot if report["throughput"] else None)
     return report
 

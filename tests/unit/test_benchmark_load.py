@@ -1,0 +1,54 @@
+"""The benchmarks' load generator against a loopback server that streams at a pace set per model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from benchmarks.load import run_interleaved, run_level
+from tests.router_servers import _LoopbackServer
+
+
+class PacedServer(_LoopbackServer):
+    """Chat completions that stream ``max_tokens`` one-word tokens, ``pace[model]`` seconds apart."""
+
+    def __init__(self, pace: dict[str, float]):
+        super().__init__()
+        self.pace = pace
+        self.app.post("/v1/chat/completions")(self._chat)
+
+    async def _chat(self, request: Request) -> StreamingResponse:
+        body, _ = await self._record(request)
+        n, pace = body["max_tokens"], self.pace[body["model"]]
+
+        async def events():
+            for _ in range(n):
+                await asyncio.sleep(pace)
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': 'w'}}]})}\n\n"
+            usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def test_interleaved_clients_take_the_models_in_turn_and_each_model_gets_its_own_rate():
+    server = PacedServer({"fast": 0.0, "slow": 0.02}).start()
+    try:
+        levels = await run_interleaved(server.url, ["fast", "slow"], "hi", 4, 4, 5)
+        shared = await run_level(server.url, ["fast", "slow"], "hi", 4, 2, 5)
+    finally:
+        server.stop()
+    asked = [r.body["model"] for r in server.requests]
+    assert asked[:16].count("fast") == asked[:16].count("slow") == 8
+    for level in levels.values():
+        assert (level.requests, level.output_tokens, level.errors) == (8, 40, 0)
+    # both kinds ran in the same seconds: a shared tokens / wall would make their figures equal
+    assert levels["slow"].tokens_per_s < levels["fast"].tokens_per_s
+    assert levels["fast"].wall_s == levels["slow"].wall_s
+    # a plain level keeps each client on its model and counts every token over its wall time
+    assert asked[16:].count("fast") == asked[16:].count("slow") == 4
+    assert (shared.requests, shared.output_tokens) == (8, 40) and shared.tokens_per_s > 0
