@@ -24,7 +24,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-__all__ = ["BedrockServer", "OpenAIServer", "RecordedRequest", "encode_event"]
+__all__ = ["BedrockServer", "LoopbackServer", "OpenAIServer", "RecordedRequest", "encode_event"]
 
 
 @dataclass
@@ -35,7 +35,7 @@ class RecordedRequest:
     body: dict[str, Any]
 
 
-class _LoopbackServer:
+class LoopbackServer:
     """A FastAPI app on 127.0.0.1 with an OS-chosen port, run by uvicorn in a daemon thread."""
 
     def __init__(self, reply: str = "Hello from the loopback server"):
@@ -53,7 +53,7 @@ class _LoopbackServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> _LoopbackServer:
+    def start(self) -> LoopbackServer:
         self._thread.start()
         deadline = time.monotonic() + 20
         while not self._server.started:
@@ -89,7 +89,7 @@ def _words(text: str) -> list[str]:
     return text.split()
 
 
-class OpenAIServer(_LoopbackServer):
+class OpenAIServer(LoopbackServer):
     def __init__(self, reply: str = "Hello from the loopback server"):
         super().__init__(reply)
         self.app.post("/v1/chat/completions")(self._chat)
@@ -222,7 +222,7 @@ _ERROR_TYPES = {429: "ThrottlingException", 500: "InternalServerException", 503:
                 400: "ValidationException"}
 
 
-class BedrockServer(_LoopbackServer):
+class BedrockServer(LoopbackServer):
     def __init__(self, reply: str = "Hello from the loopback server"):
         super().__init__(reply)
         self._stream_throttles = 0

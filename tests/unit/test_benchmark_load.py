@@ -9,10 +9,10 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from benchmarks.load import run_interleaved, run_level
-from tests.router_servers import _LoopbackServer
+from tests.router_servers import LoopbackServer
 
 
-class PacedServer(_LoopbackServer):
+class PacedServer(LoopbackServer):
     """Chat completions that stream ``max_tokens`` one-word tokens, ``pace[model]`` seconds apart."""
 
     def __init__(self, pace: dict[str, float]):
