@@ -81,8 +81,11 @@ class Caller:
 OPEN_ANONYMOUS = Caller()
 
 
-def caller_of(request: Request) -> Caller:
-    """The caller ``KeyAuth`` admitted (an app without it serves everyone as the open anonymous caller)."""
+async def caller_of(request: Request) -> Caller:
+    """The caller ``KeyAuth`` admitted (an app without it serves everyone as the open anonymous caller).
+    Async so that FastAPI calls it on the event loop: a plain ``def`` dependency costs every request a
+    hop to a worker thread and back (a tenth of the replica's loop in a burst of one-token requests,
+    py-spy)."""
     return request.scope.get("state", {}).get(_STATE_KEY, OPEN_ANONYMOUS)
 
 

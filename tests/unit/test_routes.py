@@ -383,3 +383,24 @@ async def test_tools_on_a_model_without_tool_calling_are_refused_naming_our_conf
     assert (await h.http.post("/v1/chat/completions", json=body | {"tool_choice": named})).status_code == 200
     h.service.cards["fake-llm"].tool_calling = "auto"
     assert (await h.http.post("/v1/chat/completions", json=body)).status_code == 200
+
+
+def test_the_token_routes_run_on_the_event_loop_without_a_thread_hop(h):
+    """FastAPI hands a plain ``def`` dependency or endpoint to a worker thread and back: a thread hop on
+    every request of the hot path (a tenth of the hosting replica's loop in a burst of one-token
+    requests, py-spy)."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    def calls(dependant):
+        yield dependant.call
+        for sub in dependant.dependencies:
+            yield from calls(sub)
+
+    hot = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+    routes = [r for r in h.app.routes if isinstance(r, APIRoute) and r.path in hot]
+    assert {r.path for r in routes} == set(hot)
+    blocking = [(r.path, c.__name__) for r in routes for c in calls(r.dependant)
+                if not inspect.iscoroutinefunction(c)]
+    assert not blocking, blocking
