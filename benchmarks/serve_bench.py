@@ -175,13 +175,15 @@ def main(argv: list[str] | None = None) -> dict:
     llm = AppConfig.load(app_args).llms[0]
     model_path = resolve_sources(AppConfig.load(app_args))[llm.name]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    per_client = {1: 8, 8: 4, 32: 2}
+    per_client = {c: args.requests_per_client or (2 if args.smoke else {1: 8, 8: 4, 32: 2}.get(c, 1))
+                  for c in concurrency}
     report = {
         "benchmark": "serve_bench", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
         "settings": {"model": llm.name, "engine_kwargs": llm.engine_kwargs, "adapters": llm.adapters is not None,
                      "prompt_tokens": count_prompt_tokens(tokenizer, PROMPT), "output_tokens": output_tokens,
                      "stream_batching_interval_ms": app_args["llms"][0].get("stream_batching_interval_ms"),
-                     "ray_env": ray_env, "rounds": rounds_n, "smoke": args.smoke},
+                     "ray_env": ray_env, "rounds": rounds_n, "requests_per_client": per_client,
+                     "smoke": args.smoke},
         "results": {},
     }
     # Every server stays up and the rounds alternate between them, so slow drift of this shared
@@ -215,8 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
             for c in concurrency:
                 order = list(runners) if r % 2 == 0 else list(reversed(runners))
                 for target in order:
-                    n = args.requests_per_client or (2 if args.smoke else per_client.get(c, 1))
-                    result = asyncio.run(run_level(runners[target].base_url, llm.name, PROMPT, c, n, output_tokens))
+                    result = asyncio.run(run_level(runners[target].base_url, llm.name, PROMPT, c, per_client[c],
+                                                   output_tokens))
                     rounds[target][c].append(result)
                     print(f"   round {r + 1} {target:9s} c={c:3d}: {result.tokens_per_s:7.1f} tok/s  "
                           f"TTFT p50 {result.ttft_p50_ms:7.1f} p99 {result.ttft_p99_ms:7.1f} ms  "

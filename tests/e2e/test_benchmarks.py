@@ -45,6 +45,7 @@ def test_serve_bench_smoke(ray_cluster, served, tmp_path):
     for target in ("ours", "raw"):
         (level,) = report["results"][target]
         assert level["errors"] == 0 and level["output_tokens"] == 2 * 2 * 8, level  # 2 clients x 2 requests
+    assert report["settings"]["requests_per_client"] == {"2": 2}  # the file says how long each level ran
     (ratio,) = report["vs_raw"]["ours"]
     assert ratio["throughput_ratio"] > 0
 
