@@ -17,6 +17,7 @@ from ray import serve
 
 from ray_app.documents.config import OCRConfig
 from ray_app.models.resolve import ModelSourceError, resolve_source
+from ray_app.serve import INGRESS_ENV
 from ray_app.serve.config import AppConfig, ConfigError, LLMConfigModel
 from ray_app.serve.embedder import build_embedder_deployment
 from ray_app.serve.gateway import GatewayDeployment, LLMGatewayDeployment
@@ -121,10 +122,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
              "knowledge": knowledge, "ocr": ocr, "router": router}
     if host is not None:
         model = next(m for m in config.llms if m.name == host)
+        model = model.model_copy(update={"env": INGRESS_ENV | model.env})
         return build_llm_app(model, sources[host], str(config.paths.root), serve.ingress()(LLMGatewayDeployment),
                              **parts)
-    gateway = serve.deployment(GatewayDeployment).options(name="Gateway", **config.gateway.replicas.serve_options())
-    return gateway.bind(**parts)
+    options = config.gateway.replicas.serve_options()
+    options["ray_actor_options"]["runtime_env"] = {"env_vars": INGRESS_ENV}
+    return serve.deployment(GatewayDeployment).options(name="Gateway", **options).bind(**parts)
 
 
 def load_router_config(config: AppConfig):
