@@ -8,7 +8,8 @@ a collection is created and fed (HTTP upload and ``ray-app ingest``), a training
 with the tiny model as the teacher, the tiny model is fine-tuned through the ``openai`` client's
 ``files`` and ``fine_tuning.jobs``, its ``fine_tuned_model`` answers, a second job is cancelled and its
 Ray job stops, and the README's ``ray job submit`` fine-tuning command runs as written. A chat client
-runs the whole time: not one of its requests may fail.
+runs the whole time: not one of its requests may fail. Last, Ctrl-C stops the server and everything it
+started.
 
 These tests run first in the session (``conftest.py``), before the session's own cluster starts, so the
 README's default addresses (the dashboard on :8265, ``address="auto"``) find this cluster and only it.
@@ -344,7 +345,6 @@ def test_the_server_answered_every_chat_throughout(laptop):
     assert chats.failures == [], chats.failures[:5]
     assert len(chats.latencies) >= 20, len(chats.latencies)
     print(f"{len(chats.latencies)} chats during the journey, p50 {sorted(chats.latencies)[len(chats.latencies) // 2]:.2f} s")
-
 
 
 def test_ctrl_c_stops_the_server_and_everything_it_started(laptop):
