@@ -9,11 +9,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -58,6 +60,28 @@ def wait_for(url: str, timeout_s: float = 300, status: int = 200) -> httpx.Respo
             last = e
         time.sleep(1)
     raise TimeoutError(f"{url} did not answer {status} within {timeout_s}s (last: {last})")
+
+
+def session_processes(leader: int) -> dict[int, str]:
+    """The processes still running in the session that ``leader`` opened (``start_new_session=True``), with
+    their command lines: everything it started, however deep. vLLM's engine processes take a process group
+    of their own, so a group kill misses them; they keep the session."""
+    found = {}
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            if os.getsid(p.pid) == leader:
+                found[p.pid] = " ".join(p.info["cmdline"] or [p.info["name"]])[:120]
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+def kill_session(leader: int) -> None:
+    for pid in session_processes(leader):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @dataclass

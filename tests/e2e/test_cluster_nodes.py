@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ import yaml
 pytestmark = pytest.mark.e2e
 
 from ray_app.serve import SERVING_ENV
+from tests.e2e.conftest import kill_session
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "e2e" / "cluster_driver.py"
@@ -54,7 +54,7 @@ def run_driver(*args: str, timeout_s: float) -> dict:
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver's own process group: its cluster's processes
+        kill_session(proc.pid)  # the driver's session: its cluster's processes
         out, err = proc.communicate()
         pytest.fail(f"cluster driver {args} ran past {timeout_s}s\n{err[-6000:]}")
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]

@@ -31,12 +31,11 @@ from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 import yaml
 
 from tests.corpus import FACTS, make_corpus
-from tests.e2e.conftest import ROOT, TINY, free_port, wait_for
+from tests.e2e.conftest import ROOT, TINY, free_port, kill_session, session_processes, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -138,27 +137,6 @@ def laptop_config(port: int, data: Path) -> dict:
     return config
 
 
-def left_behind(proc: subprocess.Popen) -> list[str]:
-    """The processes still running in `serve run`'s session: everything it started, however deep (vLLM's
-    engine processes take a process group of their own, so a group kill misses them)."""
-    left = []
-    for p in psutil.process_iter(["pid", "name", "cmdline"]):
-        try:
-            if os.getsid(p.pid) == proc.pid:
-                left.append(f"{p.pid} {' '.join(p.info['cmdline'] or [p.info['name']])[:120]}")
-        except (OSError, psutil.Error):
-            pass
-    return left
-
-
-def _kill_session(proc: subprocess.Popen) -> None:
-    for line in left_behind(proc):
-        try:
-            os.kill(int(line.split()[0]), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture(scope="module")
 def laptop(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("laptop")
@@ -196,7 +174,7 @@ def laptop(data_dir, tmp_path_factory):
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 pass
-        _kill_session(proc)  # whatever is left would hold its memory through the rest of the session
+        kill_session(proc.pid)  # whatever is left would hold its memory through the rest of the session
         log.close()
 
 
@@ -352,12 +330,12 @@ def test_ctrl_c_stops_the_server_and_everything_it_started(laptop):
     try:
         laptop.proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"serve run still running 60 s after Ctrl-C:\n{(laptop.root / 'serve.log').read_text()[-4000:]}")
+        pass  # returncode stays None: the assertion below shows the log
     log = (laptop.root / "serve.log").read_text()
-    assert laptop.proc.returncode == 0, log[-4000:]
+    assert laptop.proc.returncode == 0, f"exit code after Ctrl-C: {laptop.proc.returncode}\n{log[-4000:]}"
     # Serve stopped every replica in its own time: nothing was force-killed past a deadline
     assert "Got KeyboardInterrupt" in log and "failed to shut down" not in log, log[-4000:]
     deadline = time.monotonic() + 15  # Ray's own processes may take a moment after the driver
-    while (left := left_behind(laptop.proc)) and time.monotonic() < deadline:
+    while (left := session_processes(laptop.proc.pid)) and time.monotonic() < deadline:
         time.sleep(1)
-    assert left == []
+    assert left == {}
