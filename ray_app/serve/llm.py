@@ -1,8 +1,8 @@
 """The vLLM replica deployments, built on Ray's own ``ray.serve.llm`` (``LLMConfig`` + ``LLMServer``).
 
 Ray Serve LLM brings the engine lifecycle, multi-LoRA multiplexing, autoscaling and engine metrics;
-this module only translates our typed ``LLMConfigModel`` into its ``LLMConfig`` and adds two small
-read-only methods to its server.
+this module translates our typed ``LLMConfigModel`` into its ``LLMConfig``, adds a read-only method to
+its server, and places the replica's processes on the machine (cores, priority) once the engine runs.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class LLMDeployment(LLMServer):
         await super().__init__(llm_config, **kwargs)
         if (cores := keep_off_engine_cores()) is not None:
             logger.info("this replica's threads run on cores %s, off the CPU engine's worker", sorted(cores))
+        run_at_cluster_priority()
 
     async def num_unfinished_requests(self) -> int:
         # Requests the engine still holds (running or waiting): what an abort must bring back to 0.
@@ -62,6 +63,45 @@ def keep_off_engine_cores() -> set[int] | None:
         for thread in me.threads():  # threads started later inherit their creator's cores
             os.sched_setaffinity(thread.id, cores)
     return cores
+
+
+def run_at_cluster_priority() -> None:
+    """Run this replica and the engine processes it started at the cluster's own niceness (the raylet's),
+    not at the 15 Ray starts its workers with. At 15 the engine gives its cores away to anything at 0 on
+    the machine (a client, a browser), which ``vllm serve`` does not: measured on 2 cores, 32 clients,
+    5 rounds of the same server reniced in turn against ``vllm serve``, 0.982x at 15 and 1.013x at 0,
+    better in every round. Background work stays behind it: ingest and training run in Ray's workers at
+    15. Lowering niceness needs CAP_SYS_NICE (or RLIMIT_NICE); without it the replica keeps Ray's."""
+    import psutil
+
+    me = psutil.Process()
+    parent = me.parent()
+    if parent is None or parent.name() != "raylet" or me.nice() <= parent.nice():
+        return
+    if set_niceness([me, *me.children(recursive=True)], parent.nice()):
+        logger.info("this replica and its engine run at niceness %d, the cluster's", parent.nice())
+    else:
+        logger.info("this replica keeps Ray's worker niceness %d: lowering it needs CAP_SYS_NICE", me.nice())
+
+
+def set_niceness(processes, nice: int) -> bool:
+    """Every thread of ``processes`` at ``nice`` (Linux keeps niceness per thread, and a thread starts
+    at its creator's); False if the OS refused."""
+    import psutil
+
+    for proc in processes:
+        try:
+            threads = proc.threads()
+        except psutil.NoSuchProcess:
+            continue
+        for thread in threads:
+            try:
+                os.setpriority(os.PRIO_PROCESS, thread.id, nice)
+            except ProcessLookupError:  # the thread ended
+                continue
+            except PermissionError:
+                return False
+    return True
 
 
 def to_llm_config(model: LLMConfigModel, model_path: str) -> LLMConfig:

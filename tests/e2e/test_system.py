@@ -58,3 +58,19 @@ def test_the_hosting_replica_keeps_off_the_core_its_cpu_engine_computes_on(serve
     assert workers and engine and len(engine) < psutil.cpu_count()
     threads = {core for t in replicas[0].threads() for core in os.sched_getaffinity(t.id)}
     assert threads and not threads & engine
+
+
+def test_the_llm_replica_and_its_engine_run_at_the_clusters_niceness_not_rays_worker_niceness(served):
+    import psutil
+
+    replica = next(p for p in psutil.process_iter(["cmdline"])
+                   if "ServeReplica:ray_app:LLM:smollm2-135m-instruct" in " ".join(p.info["cmdline"] or [])[:200])
+    raylet = replica.parent()
+    assert raylet.name() == "raylet"
+    engine = [c for c in replica.children(recursive=True) if c.name().startswith("VLLM::")]
+    assert {c.name() for c in engine} >= {"VLLM::EngineCore", "VLLM::Worker"}
+    niceness = {os.getpriority(os.PRIO_PROCESS, t.id) for p in [replica, *engine] for t in p.threads()}
+    others = [p for p in raylet.children() if "ServeController" in " ".join(p.cmdline())[:200]]
+    assert others and others[0].nice() == 15  # Ray's other workers keep its worker niceness
+    # lowering niceness needs CAP_SYS_NICE: the tests run as root on CI
+    assert niceness == ({raylet.nice()} if os.geteuid() == 0 else {15})

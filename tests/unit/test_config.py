@@ -158,6 +158,41 @@ def test_a_replica_keeps_off_the_cores_of_its_cpu_engine_and_only_then():
     assert cores_off_engine({0, 1}, {4}) is None  # the worker is elsewhere already
 
 
+THREADED_SLEEPER = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); time.sleep(60)"
+
+
+def test_set_niceness_reaches_every_thread_and_reports_a_refusal():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from ray_app.serve.llm import set_niceness
+
+    # a process started at Ray's worker niceness, with a second thread (niceness is per thread on Linux)
+    child = subprocess.Popen([sys.executable, "-c", THREADED_SLEEPER], preexec_fn=lambda: os.nice(15))
+    try:
+        proc = psutil.Process(child.pid)
+        deadline = time.monotonic() + 30
+        while proc.num_threads() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        threads = [t.id for t in proc.threads()]
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {15}
+        assert set_niceness([proc], 19)  # raising it is always allowed
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {19}
+        lowered = set_niceness([proc], 0)
+        if os.geteuid() == 0:  # lowering it needs CAP_SYS_NICE
+            assert lowered and {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {0}
+        else:
+            assert not lowered and {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {19}
+    finally:
+        child.kill()
+        child.wait()
+    assert set_niceness([proc], 5)  # a process that is gone is skipped
+
+
 def test_config_is_not_mutated_by_translation():
     model = LLMConfigModel(name="m", source="x", engine_kwargs={"dtype": "float32"})
     before = copy.deepcopy(model.model_dump())
