@@ -47,24 +47,29 @@ def test_our_metrics_reach_rays_prometheus_endpoint(served, ray_cluster):
     assert any(line.startswith("ray_ray_app_request_seconds_bucket{") for line in lines)
 
 
-def test_the_hosting_replica_keeps_off_the_core_its_cpu_engine_computes_on(served):
+def hosting_replica():
+    """The session's one SmolLM2 replica process (it hosts the gateway)."""
     import psutil
 
     replicas = [p for p in psutil.process_iter(["cmdline"])
                 if "ServeReplica:ray_app:LLM:smollm2-135m-instruct" in " ".join(p.info["cmdline"] or [])[:200]]
     assert len(replicas) == 1
-    workers = [c for c in replicas[0].children(recursive=True) if c.name() == "VLLM::Worker"]
+    return replicas[0]
+
+
+def test_the_hosting_replica_keeps_off_the_core_its_cpu_engine_computes_on(served):
+    import psutil
+
+    replica = hosting_replica()
+    workers = [c for c in replica.children(recursive=True) if c.name() == "VLLM::Worker"]
     engine = {core for w in workers for core in w.cpu_affinity()}
     assert workers and engine and len(engine) < psutil.cpu_count()
-    threads = {core for t in replicas[0].threads() for core in os.sched_getaffinity(t.id)}
+    threads = {core for t in replica.threads() for core in os.sched_getaffinity(t.id)}
     assert threads and not threads & engine
 
 
 def test_the_llm_replica_and_its_engine_run_at_the_clusters_niceness_not_rays_worker_niceness(served):
-    import psutil
-
-    replica = next(p for p in psutil.process_iter(["cmdline"])
-                   if "ServeReplica:ray_app:LLM:smollm2-135m-instruct" in " ".join(p.info["cmdline"] or [])[:200])
+    replica = hosting_replica()
     raylet = replica.parent()
     assert raylet.name() == "raylet"
     engine = [c for c in replica.children(recursive=True) if c.name().startswith("VLLM::")]
