@@ -116,14 +116,19 @@ class Ledger:
 
     def record(self, entry: LedgerEntry, reservation: str | None = None) -> None:
         """Write the request's row and release its reservation in one durable transaction."""
+        self.record_many([(entry, reservation)])
+
+    def record_many(self, rows: Sequence[tuple[LedgerEntry, str | None]]) -> None:
+        """Write several requests' rows and release their reservations in one durable transaction: one
+        flush to disk for all of them."""
         with self._transaction():
-            if reservation is not None:
-                self._db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
-            self._db.execute(
+            self._db.executemany("DELETE FROM reservations WHERE id = ?",
+                                 [(reservation,) for _, reservation in rows if reservation is not None])
+            self._db.executemany(
                 "INSERT INTO spend (ts, key_id, route, target, model, prompt_tokens, completion_tokens, "
                 "cost_usd, latency_s, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry.ts, entry.key_id, entry.route, entry.target, entry.model, entry.prompt_tokens,
-                 entry.completion_tokens, entry.cost_usd, entry.latency_s, entry.status))
+                [(e.ts, e.key_id, e.route, e.target, e.model, e.prompt_tokens, e.completion_tokens, e.cost_usd,
+                  e.latency_s, e.status) for e, _ in rows])
 
     def release(self, reservation: str) -> None:
         """Give a reservation back without a row (the request was refused before it ran)."""

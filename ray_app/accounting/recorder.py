@@ -26,8 +26,8 @@ from ray_app.accounting.keys import KeyRecord
 from ray_app.accounting.ledger import Ledger, LedgerEntry
 from ray_app.accounting.limits import RateWindows
 
-__all__ = ["CloudPrice", "CostCeilingExceeded", "Outcome", "ReplicaShare", "SpendRecorder", "cloud_cost",
-           "local_cost"]
+__all__ = ["CloudPrice", "CostCeilingExceeded", "GroupCommit", "Outcome", "ReplicaShare", "SpendRecorder",
+           "cloud_cost", "local_cost"]
 
 logger = logging.getLogger("ray_app.accounting")
 
@@ -94,6 +94,46 @@ class ReplicaShare:
         return len(self._active)
 
 
+class GroupCommit:
+    """Ledger rows of concurrent requests written in shared transactions: ``write`` returns once its
+    row is on disk, and rows that arrive while a commit runs go into the next one. Requests that end
+    together (32 clients' streams finish in the same engine step) pay one disk flush and one thread
+    hop between them instead of one each, and their answers go out that much sooner."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+        self._pending: list[tuple[LedgerEntry, str | None, asyncio.Future]] = []
+        self._committing: asyncio.Task | None = None
+
+    async def write(self, entry: LedgerEntry, reservation: str | None) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._pending.append((entry, reservation, done))
+        if self._committing is None or self._committing.done() or self._committing.get_loop() is not loop:
+            self._committing = loop.create_task(self._commit())
+        # A cancelled writer's row is still written: it is in the batch already.
+        await done
+
+    async def _commit(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            waiting = [done for *_, done in batch]
+            try:
+                await asyncio.to_thread(self.ledger.record_many, [(entry, held) for entry, held, _ in batch])
+            except asyncio.CancelledError:
+                for done in waiting:
+                    done.cancel()
+                raise
+            except Exception as exc:  # the disk refused: every request of the batch hears it
+                for done in waiting:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for done in waiting:
+                    if not done.done():
+                        done.set_result(None)
+
+
 @dataclass
 class Outcome:
     """What one request used; ``SpendRecorder.settle`` prices it."""
@@ -122,6 +162,7 @@ class SpendRecorder:
         self._replicas = dict(replicas or {})
         self._shares: dict[str, ReplicaShare] = {}
         self._clock, self._wall_clock = clock, wall_clock
+        self._rows = GroupCommit(ledger)
 
     # -- prices --------------------------------------------------------------------------------
 
@@ -182,7 +223,7 @@ class SpendRecorder:
             key_id=key.key_id if key else None, route=outcome.route, target=outcome.target, model=outcome.model,
             prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens, cost_usd=cost,
             latency_s=self._clock() - outcome.started, status=outcome.status)
-        await asyncio.to_thread(self.ledger.record, entry, reservation)
+        await self._rows.write(entry, reservation)
         if key is not None:
             self.windows.settle(key.key_id, estimated_tokens, outcome.prompt_tokens + outcome.completion_tokens)
         from ray_app.metrics import record_spend

@@ -334,3 +334,72 @@ async def test_reserve_refuses_over_budget_and_over_the_per_request_ceiling(path
     unbudgeted = store.create("b").record
     assert await recorder.reserve(unbudgeted, 5.0) is None
     assert await asyncio.to_thread(recorder.ledger.spend, key.key_id) == pytest.approx(0.001)
+
+
+class _CountingLedger(Ledger):
+    """A real ledger that keeps the size of each transaction ``record_many`` commits; ``fail`` makes the
+    next commit refuse as a full disk would, ``hold`` keeps commits waiting until it is set."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.commits: list[int] = []
+        self.fail = False
+        self.entered, self.hold = threading.Event(), threading.Event()
+        self.hold.set()
+
+    def record_many(self, rows):
+        self.entered.set()
+        self.hold.wait(10)
+        if self.fail:
+            self.fail = False
+            raise sqlite3.OperationalError("database or disk is full")
+        super().record_many(rows)
+        self.commits.append(len(rows))
+
+
+def _rows(path) -> int:
+    other = sqlite3.connect(path)
+    try:
+        return other.execute("SELECT COUNT(*) FROM spend").fetchone()[0]
+    finally:
+        other.close()
+
+
+async def test_requests_that_end_together_share_one_durable_commit(path):
+    ledger = _CountingLedger(path)
+    recorder = SpendRecorder(AuthConfig(), ledger)
+    outcomes = [Outcome("direct", "small", "small", completion_tokens=i) for i in range(32)]
+    await asyncio.gather(*(recorder.settle(None, None, o) for o in outcomes))
+    assert ledger.commits == [32]  # one transaction, one flush to disk, for 32 requests
+    assert _rows(path) == 32  # and each settle returned after its row was on disk
+    await recorder.settle(None, None, outcomes[0])  # a later request commits on its own
+    assert ledger.commits == [32, 1] and _rows(path) == 33
+
+
+async def test_a_refused_commit_fails_every_request_in_it_and_the_next_ones_still_commit(path):
+    ledger = _CountingLedger(path)
+    recorder = SpendRecorder(AuthConfig(), ledger)
+    ledger.fail = True
+    results = await asyncio.gather(*(recorder.settle(None, None, Outcome("direct", "m", "m")) for _ in range(3)),
+                                   return_exceptions=True)
+    assert [type(r) for r in results] == [sqlite3.OperationalError] * 3
+    assert _rows(path) == 0
+    await recorder.settle(None, None, Outcome("direct", "m", "m"))
+    assert _rows(path) == 1
+
+
+async def test_a_request_cancelled_while_its_row_commits_still_gets_its_row(path):
+    ledger = _CountingLedger(path)
+    recorder = SpendRecorder(AuthConfig(), ledger)
+    ledger.hold.clear()
+    task = asyncio.ensure_future(recorder.settle(None, None, Outcome("direct", "m", "m")))
+    assert await asyncio.to_thread(ledger.entered.wait, 10)
+    task.cancel()  # the client went away mid-commit
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    ledger.hold.set()
+    for _ in range(200):
+        if ledger.commits:
+            break
+        await asyncio.sleep(0.01)
+    assert ledger.commits == [1] and _rows(path) == 1
