@@ -127,3 +127,13 @@ def test_tool_bench_smoke(served, tmp_path):
     # a named function is decoded against its schema: every call is the meant tool with valid arguments
     assert report["results"]["named"]["valid_rate"] == report["results"]["named"]["right_tool_rate"] == 1.0
     assert report["results"]["required"]["call_rate"] == 1.0
+
+
+def test_ledger_bench_smoke(tmp_path):
+    from benchmarks import ledger_bench
+
+    report = _written(tmp_path, "ledger_bench_smoke", ledger_bench.main(
+        ["--smoke", "--dir", str(tmp_path), "--out", str(tmp_path)]))
+    # every settle wrote its row, and a burst of 8 shared one transaction (the baseline used 8)
+    assert report["rows_written"] == {"per request": 36, "group commit": 36}
+    assert report["results"]["8"]["group commit"]["transactions_per_burst"] == 1
