@@ -79,17 +79,18 @@ async def measure(folder: Path, sizes: list[int], rounds: int) -> dict:
             for method in METHODS if r % 2 == 0 else reversed(METHODS):
                 times = await burst(settles[method], size)
                 per_round[method].append((percentile(times, 50), max(times)))
-        results[str(size)] = {
+        figures = results[str(size)] = {
             method: {"p50_ms": round(statistics.median(p for p, _ in v) * 1000, 3),
                      "slowest_ms": round(statistics.median(s for _, s in v) * 1000, 3)}
             for method, v in per_round.items()}
-        results[str(size)]["group commit"]["transactions_per_burst"] = round(grouped.transactions / rounds, 2)
-        base, ours = (results[str(size)][m]["slowest_ms"] for m in METHODS)
-        results[str(size)]["ratio_slowest"] = round(base / ours, 2) if ours else None
-        print(f"burst of {size:4d}: per request p50 {results[str(size)]['per request']['p50_ms']:7.2f} ms, "
-              f"slowest {base:7.2f} ms | group commit p50 {results[str(size)]['group commit']['p50_ms']:7.2f} ms, "
-              f"slowest {ours:7.2f} ms, {grouped.transactions / rounds:.1f} transactions | "
-              f"{results[str(size)]['ratio_slowest']}x", flush=True)
+        base, grouped_figures = figures["per request"], figures["group commit"]
+        grouped_figures["transactions_per_burst"] = round(grouped.transactions / rounds, 2)
+        figures["ratio_slowest"] = (round(base["slowest_ms"] / grouped_figures["slowest_ms"], 2)
+                                    if grouped_figures["slowest_ms"] else None)
+        print(f"burst of {size:4d}: per request p50 {base['p50_ms']:7.2f} ms, slowest {base['slowest_ms']:7.2f} ms"
+              f" | group commit p50 {grouped_figures['p50_ms']:7.2f} ms, slowest {grouped_figures['slowest_ms']:7.2f}"
+              f" ms, {grouped_figures['transactions_per_burst']:.1f} transactions | {figures['ratio_slowest']}x",
+              flush=True)
     written = {"per request": _count(per_request), "group commit": _count(grouped)}
     per_request.close()
     grouped.close()
