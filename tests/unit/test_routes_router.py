@@ -189,6 +189,27 @@ async def test_auth_runs_on_the_headers_before_any_body_is_read(tmp_path):
     assert response.status_code == 401 and not read
 
 
+async def test_callers_are_admitted_on_the_event_loop_without_a_thread_hop(tmp_path, monkeypatch):
+    # A hop to a worker thread waits for the GIL on a loop busy with streams: admission must not take one.
+    offloaded, to_thread = [], asyncio.to_thread
+
+    async def recording(fn, *args, **kwargs):
+        offloaded.append(getattr(fn, "__qualname__", repr(fn)))
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", recording)
+    for mode in ("open", "keys"):
+        h = Harness(tmp_path / mode, mode=mode)
+        new = h.keys.create("team-a", tpm=10_000)
+        assert (await h.client(new.secret).chat.completions.with_raw_response.create(**CHAT)).status_code == 200
+        if mode == "open":
+            assert (await h.client().chat.completions.with_raw_response.create(**CHAT)).status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            await h.client(new.secret[:-2] + "xx").chat.completions.create(**CHAT)
+        assert h.ledger.usage(key_id=new.record.key_id, group_by=())[0]["requests"] == 1  # the key was charged
+    assert not [name for name in offloaded if "caller" in name or "authenticate" in name], offloaded
+
+
 async def test_cors_preflights_are_answered_without_a_key(tmp_path):
     h = Harness(tmp_path, mode="keys", cors=["http://console.example"])
     preflight = await h.http.options("/v1/chat/completions", headers={
