@@ -244,6 +244,7 @@ class Gateway:
             timeout_s=gw.request_timeout_s,
             unavailable=self.status.unavailable,
             capture=CaptureLog(config.paths.root / "captures"),
+            log_requests=gw.log_requests,
         )
         self.fine_tuning = self._fine_tuning(router_config) if config.fine_tuning is not None else None
         self._route_limits = {}

@@ -92,16 +92,18 @@ class UsageRecord:
     ttft_seconds: float | None = None
 
 
-def log_usage(record: UsageRecord) -> None:
+def log_usage(record: UsageRecord, line: bool = True) -> None:
+    """Count the request in the metrics and, with ``line``, write its usage line to the log."""
     from ray_app.metrics import record_request
 
     record_request(record.model, record.endpoint, record.prompt_tokens, record.completion_tokens,
                    record.seconds, record.ttft_seconds)
-    logger.info(
-        "usage endpoint=%s model=%s stream=%s prompt_tokens=%d completion_tokens=%d ttft_ms=%s total_ms=%.0f",
-        record.endpoint, record.model, record.stream, record.prompt_tokens, record.completion_tokens,
-        "-" if record.ttft_seconds is None else f"{record.ttft_seconds * 1000:.0f}", record.seconds * 1000,
-    )
+    if line:
+        logger.info(
+            "usage endpoint=%s model=%s stream=%s prompt_tokens=%d completion_tokens=%d ttft_ms=%s total_ms=%.0f",
+            record.endpoint, record.model, record.stream, record.prompt_tokens, record.completion_tokens,
+            "-" if record.ttft_seconds is None else f"{record.ttft_seconds * 1000:.0f}", record.seconds * 1000,
+        )
 
 
 def check_tool_choice(request: Any, model: str, tool_calling: str | None) -> None:
@@ -139,6 +141,7 @@ class OpenAIService:
     unavailable: Callable[[str], Awaitable[str | None]] = _always_available
     clock: Callable[[], float] = time.monotonic
     capture: CaptureLog | None = None  # where opted-in chats are kept as training conversations
+    log_requests: bool = False  # a usage line per request in the log (GatewayConfig.log_requests)
     _known: list[str] = field(init=False)
     _pending: set[asyncio.Task] = field(init=False, default_factory=set)
 
@@ -404,7 +407,7 @@ class OpenAIService:
                       stream: bool, ttft: float | None = None) -> float:
         cost = await self.recorder.settle(caller.key, reservation, outcome, caller.estimated_tokens)
         log_usage(UsageRecord(outcome.model, endpoint, stream, outcome.prompt_tokens, outcome.completion_tokens,
-                              self.clock() - outcome.started, ttft))
+                              self.clock() - outcome.started, ttft), self.log_requests)
         return cost
 
     async def _settle_failure(self, caller: Caller, reservation: str | None, outcome: Outcome,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 
 import httpx
 import numpy as np
@@ -26,7 +27,8 @@ class Harness:
         cards = {n: ModelCard(id=n, kind="llm") for n in self.llms}
         cards |= {n: ModelCard(id=n, kind="embedding") for n in self.embedders}
         self.usage = []  # what the service logs and counts in metrics, request by request
-        openai_api.log_usage = self.usage.append  # the module's own function is restored by the fixture below
+        # the module's own function is restored by the fixture below
+        openai_api.log_usage = lambda record, line=True: self.usage.append(record)
         self.service = OpenAIService(self.llms, self.embedders, cards, timeout_s=timeout_s)
         self.ready = ready
 
@@ -39,9 +41,12 @@ class Harness:
                                          max_retries=0)
 
 
+_LOG_USAGE = openai_api.log_usage  # the module's own, taken at import: other modules' Harnesses replace it too
+
+
 @pytest.fixture(autouse=True)
 def _restore_log_usage(monkeypatch):
-    monkeypatch.setattr(openai_api, "log_usage", openai_api.log_usage)
+    monkeypatch.setattr(openai_api, "log_usage", _LOG_USAGE)
 
 
 @pytest.fixture
@@ -89,6 +94,29 @@ async def test_chat_streaming_forwards_chunks_and_hides_usage_unless_asked(h: Ha
     assert h.llms["fake-llm"].requests[-1].stream_options.include_usage is True
     assert h.usage[-1].stream and h.usage[-1].prompt_tokens == 7 and h.usage[-1].completion_tokens == 4
     assert h.usage[-1].ttft_seconds is not None
+
+
+async def test_a_usage_line_per_request_is_logged_only_when_the_config_asks(monkeypatch):
+    # Ray's log filters and handlers make the line a measurable share of the replica's event loop: off by
+    # default, while the metrics count every request either way.
+    counted, lines = [], []
+    h = Harness()
+    openai_api.log_usage = _LOG_USAGE  # the real one, not the harness's recorder
+    monkeypatch.setattr("ray_app.metrics.record_request", lambda *args: counted.append(args))
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    gateway_log = logging.getLogger("ray_app.gateway")
+    monkeypatch.setattr(gateway_log, "level", logging.INFO)
+    gateway_log.addHandler(handler)
+    try:
+        await h.client.chat.completions.create(**CHAT)
+        h.service.log_requests = True
+        _ = [c async for c in await h.client.chat.completions.create(**CHAT, stream=True)]
+    finally:
+        gateway_log.removeHandler(handler)
+    (line,) = [line for line in lines if line.startswith("usage ")]  # the second request's only
+    assert "endpoint=chat" in line and "stream=True" in line and "completion_tokens=4" in line
+    assert [(model, tokens) for model, _, _, tokens, *_ in counted] == [("fake-llm", 4), ("fake-llm", 4)]
 
 
 async def test_chat_streaming_with_include_usage(h: Harness):
