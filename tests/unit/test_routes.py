@@ -324,6 +324,36 @@ async def test_slow_engine_times_out_with_504():
     assert h.llms["fake-llm"].streams[-1].cancelled
 
 
+async def test_an_engine_that_stalls_mid_stream_is_cut_off_at_the_deadline():
+    h = Harness(llms={"fake-llm": FakeLLM(delay_s=0.15)}, timeout_s=0.25)  # two chunks every 0.15 s
+    response = await h.http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    events = [e for e in response.text.split("\n\n") if e]
+    said = [json.loads(e[len("data: "):])["choices"][0]["delta"].get("content") for e in events[:2]]
+    assert said == ["", "Paris"]  # the first two chunks came within the deadline, the next two did not
+    error = json.loads(events[2][len("data: "):])["error"]
+    assert error["code"] == "timeout" and "did not finish within 0.25 s" in error["message"]
+    assert events[3:] == ["data: [DONE]"]
+    assert h.llms["fake-llm"].streams[-1].cancelled  # the engine's request is aborted
+
+
+async def test_a_stream_read_past_its_deadline_fails_at_its_next_chunk_and_not_before(h: Harness):
+    from ray_app.serve.protocol import ChatCompletionRequest
+
+    h.service.timeout_s = 0.1
+    stream = (await h.service.chat(ChatCompletionRequest(**CHAT, stream=True))).result
+    assert "Paris" in await anext(stream)
+    await asyncio.sleep(0.2)  # the client reads slowly: the deadline passes between chunks
+    rest = [event async for event in stream]
+    assert "did not finish within 0.1 s" in rest[0] and rest[-1] == "data: [DONE]\n\n"
+    assert h.llms["fake-llm"].streams[-1].cancelled
+    # a stream that keeps its deadline is not cut, and its timer does not fire later
+    h.service.timeout_s = 5.0
+    stream = (await h.service.chat(ChatCompletionRequest(**CHAT, stream=True))).result
+    events = [json.loads(e[len("data: "):]) for e in "".join([e async for e in stream]).split("\n\n")[:-2]]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == "Paris is the capital."
+    assert not h.llms["fake-llm"].streams[-1].cancelled
+
+
 async def test_client_going_away_cancels_the_engine_request(h: Harness):
     from ray_app.serve.protocol import ChatCompletionRequest
 
