@@ -92,7 +92,7 @@ class UsageRecord:
     ttft_seconds: float | None = None
 
 
-def log_usage(record: UsageRecord, line: bool = True) -> None:
+def log_usage(record: UsageRecord, *, line: bool) -> None:
     """Count the request in the metrics and, with ``line``, write its usage line to the log."""
     from ray_app.metrics import record_request
 
@@ -407,7 +407,7 @@ class OpenAIService:
                       stream: bool, ttft: float | None = None) -> float:
         cost = await self.recorder.settle(caller.key, reservation, outcome, caller.estimated_tokens)
         log_usage(UsageRecord(outcome.model, endpoint, stream, outcome.prompt_tokens, outcome.completion_tokens,
-                              self.clock() - outcome.started, ttft), self.log_requests)
+                              self.clock() - outcome.started, ttft), line=self.log_requests)
         return cost
 
     async def _settle_failure(self, caller: Caller, reservation: str | None, outcome: Outcome,

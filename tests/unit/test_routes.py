@@ -28,7 +28,7 @@ class Harness:
         cards |= {n: ModelCard(id=n, kind="embedding") for n in self.embedders}
         self.usage = []  # what the service logs and counts in metrics, request by request
         # the module's own function is restored by the fixture below
-        openai_api.log_usage = lambda record, line=True: self.usage.append(record)
+        openai_api.log_usage = lambda record, *, line: self.usage.append(record)
         self.service = OpenAIService(self.llms, self.embedders, cards, timeout_s=timeout_s)
         self.ready = ready
 
