@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import statistics
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ PROMPT_WORDS = ("Ray Serve routes each request to a replica of the model. " * 40
 PROMPT = " ".join(PROMPT_WORDS[:100])
 
 __all__ = ["PROMPT", "PROMPT_WORDS", "LevelResult", "OnServe", "RawVLLM", "RequestResult", "count_prompt_tokens",
-           "median_level", "one_request", "run_interleaved", "run_level", "wait_ready"]
+           "median_level", "one_request", "output_length", "run_interleaved", "run_level", "wait_ready"]
 
 
 @dataclass
@@ -60,6 +61,21 @@ def count_prompt_tokens(tokenizer, prompt: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def output_length(mean: int, spread: float, seed: int, client: int, request: int) -> int:
+    """The output tokens client ``client`` asks for in its ``request``-th request: ``mean``, or with a
+    ``spread`` drawn uniformly from ``mean * (1 ± spread)``. The draw depends only on (seed, client,
+    request), so every server measured with the same seed is asked for the same lengths.
+
+    Equal lengths keep a closed loop of clients in lockstep: their streams end in the same engine step
+    and the next requests arrive together, so TTFT then measures where each wave's arrivals fall
+    against the engine's steps as much as the server. Unequal lengths, as real traffic has, break the
+    waves up."""
+    if not spread:
+        return mean
+    low, high = max(1, round(mean * (1 - spread))), round(mean * (1 + spread))
+    return random.Random(f"{seed}:{client}:{request}").randint(low, high)
+
+
 async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str, output_tokens: int) -> RequestResult:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": output_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
@@ -83,9 +99,11 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, prompt: str
 
 
 async def _drive(base_url: str, pick: Callable[[int, int], str], prompt: str, concurrency: int,
-                 requests_per_client: int, output_tokens: int) -> tuple[list[RequestResult], list[str], float]:
+                 requests_per_client: int, output_tokens: int, spread: float = 0.0,
+                 seed: int = 0) -> tuple[list[RequestResult], list[str], float]:
     """``concurrency`` clients, each sending ``requests_per_client`` requests one after another; client
-    ``i``'s ``j``-th asks for ``pick(i, j)``. The results, the models of the failed requests, the wall time."""
+    ``i``'s ``j``-th asks for ``pick(i, j)`` and ``output_length(output_tokens, spread, seed, i, j)``
+    tokens. The results, the models of the failed requests, the wall time."""
     url = base_url + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     results: list[RequestResult] = []
@@ -96,7 +114,8 @@ async def _drive(base_url: str, pick: Callable[[int, int], str], prompt: str, co
             for j in range(requests_per_client):
                 model = pick(i, j)
                 try:
-                    results.append(await one_request(http, url, model, prompt, output_tokens))
+                    results.append(await one_request(http, url, model, prompt,
+                                                     output_length(output_tokens, spread, seed, i, j)))
                 except (httpx.HTTPError, KeyError, IndexError):
                     failed.append(model)
 
@@ -120,12 +139,13 @@ def _level(concurrency: int, results: list[RequestResult], errors: int, wall: fl
 
 
 async def run_level(base_url: str, models: str | list[str], prompt: str, concurrency: int, requests_per_client: int,
-                    output_tokens: int) -> LevelResult:
+                    output_tokens: int, spread: float = 0.0, seed: int = 0) -> LevelResult:
     """``concurrency`` clients, each sending ``requests_per_client`` requests one after another; client
-    ``i`` asks for ``models[i % len(models)]`` (one model, or a mix such as several adapters)."""
+    ``i`` asks for ``models[i % len(models)]`` (one model, or a mix such as several adapters), and for
+    output lengths as ``output_length`` draws them."""
     models = [models] if isinstance(models, str) else models
     results, failed, wall = await _drive(base_url, lambda i, j: models[i % len(models)], prompt, concurrency,
-                                         requests_per_client, output_tokens)
+                                         requests_per_client, output_tokens, spread, seed)
     return _level(concurrency, results, len(failed), wall, sum(r.output_tokens for r in results) / wall)
 
 

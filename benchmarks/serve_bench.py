@@ -2,7 +2,8 @@
 model and engine settings (dtype, context, LoRA and tool-calling flags), in the same run.
 
 Concurrent streaming chat clients send a fixed prompt and read a fixed number of output tokens
-(``ignore_eos``). Reported per concurrency level: output tokens/s, time to first token (TTFT) p50/p99,
+(``ignore_eos``), or with ``--output-tokens-spread`` a number drawn per request around it (the same
+draws for every target of a round). Reported per concurrency level: output tokens/s, time to first token (TTFT) p50/p99,
 inter-token latency (ITL, gaps between streamed tokens) p50/p99, and each target's ratios to raw.
 
 Targets:
@@ -19,6 +20,7 @@ both sides; ``--stream-batching-ms`` sets ``stream_batching_interval_ms`` on our
 
     python benchmarks/serve_bench.py                      # SmolLM2, 8 and 32 clients, ours and raw
     python benchmarks/serve_bench.py --targets ours ours-hop raw --tag paths
+    python benchmarks/serve_bench.py --output-tokens-spread 0.5 --tag spread   # 32 to 96 tokens a request
     python benchmarks/serve_bench.py --smoke --port PORT  # tiny model, seconds, on a running cluster (tests)
 
 Writes benchmarks/results/serve_bench.json and serve_bench.png (``_smoke``, ``_<tag>``).
@@ -115,7 +117,9 @@ def plot(report: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     s = report["settings"]
     fig.suptitle(f"{s['model']} on {report['machine']['cpu']} ({report['machine']['cores']} cores), "
-                 f"{s['prompt_tokens']} prompt + {s['output_tokens']} output tokens per request")
+                 f"{s['prompt_tokens']} prompt + {s['output_tokens']}"
+                 + (f" ± {s['output_tokens_spread']:.0%}" if s.get("output_tokens_spread") else "")
+                 + " output tokens per request")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -129,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--requests-per-client", type=int, default=None,
                         help="requests each client sends (default: 8 at 1 client, 4 at 8, 2 at 32)")
     parser.add_argument("--output-tokens", type=int, default=None, help="default 64; smoke 8")
+    parser.add_argument("--output-tokens-spread", type=float, default=0.0, metavar="FRACTION",
+                        help="draw each request's output tokens uniformly from N*(1-F)..N*(1+F), seeded per round, "
+                             "so clients do not move in lockstep (default 0: every request N)")
     parser.add_argument("--targets", nargs="+", choices=list(LABELS), default=["raw", "ours"])
     parser.add_argument("--stream-batching-ms", type=float, default=None,
                         help="override the LLM's stream_batching_interval_ms for `ours`")
@@ -143,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tag", default="", help="suffix for the result files")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
+    if not 0 <= args.output_tokens_spread < 1:
+        parser.error("--output-tokens-spread must be in [0, 1)")
     # before Ray is imported: Serve reads these when its modules load (the cluster's processes inherit them)
     ray_env = SERVING_ENV | dict(kv.split("=", 1) for kv in args.ray_env)
     os.environ.update(ray_env)
@@ -181,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "serve_bench", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
         "settings": {"model": llm.name, "engine_kwargs": llm.engine_kwargs, "adapters": llm.adapters is not None,
                      "prompt_tokens": count_prompt_tokens(tokenizer, PROMPT), "output_tokens": output_tokens,
+                     "output_tokens_spread": args.output_tokens_spread,
                      "stream_batching_interval_ms": app_args["llms"][0].get("stream_batching_interval_ms"),
                      "ray_env": ray_env, "rounds": rounds_n, "requests_per_client": per_client,
                      "smoke": args.smoke},
@@ -218,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
                 order = list(runners) if r % 2 == 0 else list(reversed(runners))
                 for target in order:
                     result = asyncio.run(run_level(runners[target].base_url, llm.name, PROMPT, c, per_client[c],
-                                                   output_tokens))
+                                                   output_tokens, args.output_tokens_spread, seed=r))
                     rounds[target][c].append(result)
                     print(f"   round {r + 1} {target:9s} c={c:3d}: {result.tokens_per_s:7.1f} tok/s  "
                           f"TTFT p50 {result.ttft_p50_ms:7.1f} p99 {result.ttft_p99_ms:7.1f} ms  "
@@ -234,13 +244,16 @@ def main(argv: list[str] | None = None) -> dict:
                       "throughput_ratio_per_round": [round(a.tokens_per_s / b.tokens_per_s, 3) for a, b in
                                                      zip(rounds[target][o["concurrency"]], rounds["raw"][o["concurrency"]])],
                       "ttft_p50_added_ms": round(o["ttft_p50_ms"] - r["ttft_p50_ms"], 1),
+                      "ttft_p50_added_ms_per_round": [round(a.ttft_p50_ms - b.ttft_p50_ms, 1) for a, b in
+                                                      zip(rounds[target][o["concurrency"]], rounds["raw"][o["concurrency"]])],
                       "ttft_p99_added_ms": round(o["ttft_p99_ms"] - r["ttft_p99_ms"], 1)}
                      for o, r in zip(levels, report["results"]["raw"])]
             for target, levels in report["results"].items() if target != "raw"}
         for target, rows in report["vs_raw"].items():
             for row in rows:
                 print(f"   median {target}/raw c={row['concurrency']:3d}: throughput x{row['throughput_ratio']:.3f} "
-                      f"(rounds {row['throughput_ratio_per_round']}), TTFT p50 {row['ttft_p50_added_ms']:+.1f} ms, "
+                      f"(rounds {row['throughput_ratio_per_round']}), TTFT p50 {row['ttft_p50_added_ms']:+.1f} ms "
+                      f"(rounds {row['ttft_p50_added_ms_per_round']}), "
                       f"p99 {row['ttft_p99_added_ms']:+.1f} ms")
     stem = "serve_bench" + ("_smoke" if args.smoke else "") + (f"_{args.tag}" if args.tag else "")
     write_results(stem, report, Path(args.out), plot)
