@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import copy
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,34 @@ class ServeLLMApp:
         from ray import serve
 
         serve.delete("serve-llm")
+
+
+def compare(target: list[LevelResult], raw: list[LevelResult], before_raw: list[bool]) -> dict:
+    """One target against ``vllm serve`` at one level, from the rounds both ran: the ratio of the
+    medians, each round's own figures, and those figures split by whether the target ran before raw in
+    its round. Which server goes first in a round moves its figures at 32 clients (the rounds of
+    earlier runs: ours' TTFT p50 +31 ms from raw's when first, -51 ms when second); alternating the
+    order over an even number of rounds gives each server each place equally often."""
+    ratios = [round(a.tokens_per_s / b.tokens_per_s, 3) for a, b in zip(target, raw)]
+    added = [round(a.ttft_p50_ms - b.ttft_p50_ms, 1) for a, b in zip(target, raw)]
+
+    def median(key: str, results: list[LevelResult]) -> float:
+        return statistics.median(getattr(r, key) for r in results)
+
+    by_position = {}
+    for place, first in (("first", True), ("second", False)):
+        picked = [i for i, b in enumerate(before_raw) if b == first]
+        if picked:
+            by_position[place] = {"rounds": len(picked),
+                                  "throughput_ratio": round(statistics.median(ratios[i] for i in picked), 3),
+                                  "ttft_p50_added_ms": round(statistics.median(added[i] for i in picked), 1)}
+    return {"concurrency": raw[0].concurrency,
+            "throughput_ratio": round(median("tokens_per_s", target) / median("tokens_per_s", raw), 3),
+            "throughput_ratio_per_round": ratios,
+            "ttft_p50_added_ms": round(median("ttft_p50_ms", target) - median("ttft_p50_ms", raw), 1),
+            "ttft_p50_added_ms_per_round": added,
+            "ttft_p99_added_ms": round(median("ttft_p99_ms", target) - median("ttft_p99_ms", raw), 1),
+            "by_position": by_position}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -145,19 +174,23 @@ def main(argv: list[str] | None = None) -> dict:
                         help="environment for the Ray cluster this script starts, beside the README's serving mode")
     parser.add_argument("--port", type=int, default=None,
                         help="deploy on the Ray cluster this process is connected to, whose proxy listens here")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds, medians reported (default 3)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds, the targets' order reversed each round; even, so each target runs first as "
+                             "often as last (default 4; smoke 1)")
     parser.add_argument("--settle-s", type=float, default=None, help="idle time after warm-up (default 15; smoke 0)")
     parser.add_argument("--tag", default="", help="suffix for the result files")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     if not 0 <= args.output_tokens_spread < 1:
         parser.error("--output-tokens-spread must be in [0, 1)")
+    rounds_n = args.rounds or (1 if args.smoke else 4)
+    if rounds_n > 1 and rounds_n % 2 and len(args.targets) > 1:
+        parser.error(f"--rounds {rounds_n}: use an even number, so each target runs first in as many rounds as last")
     # before Ray is imported: Serve reads these when its modules load (the cluster's processes inherit them)
     ray_env = SERVING_ENV | dict(kv.split("=", 1) for kv in args.ray_env)
     os.environ.update(ray_env)
     concurrency = args.concurrency or ([2] if args.smoke else [8, 32])
     output_tokens = args.output_tokens or (8 if args.smoke else 64)
-    rounds_n = args.rounds or (1 if args.smoke else 3)
     settle_s = args.settle_s if args.settle_s is not None else (0.0 if args.smoke else 15.0)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -223,9 +256,13 @@ def main(argv: list[str] | None = None) -> dict:
         # let one-off start-up work (Ray's idle worker pool, ray.serve.llm's telemetry actor) finish
         time.sleep(settle_s)
         rounds: dict[str, dict[int, list[LevelResult]]] = {t: {c: [] for c in concurrency} for t in runners}
+        before_raw: dict[str, list[bool]] = {t: [] for t in runners}
         for r in range(rounds_n):
             for c in concurrency:
                 order = list(runners) if r % 2 == 0 else list(reversed(runners))
+                if c == concurrency[0] and "raw" in order:
+                    for target in order:
+                        before_raw[target].append(order.index(target) < order.index("raw"))
                 for target in order:
                     result = asyncio.run(run_level(runners[target].base_url, llm.name, PROMPT, c, per_client[c],
                                                    output_tokens, args.output_tokens_spread, seed=r))
@@ -238,23 +275,14 @@ def main(argv: list[str] | None = None) -> dict:
         report["results"][target] = [median_level(c, results) for c, results in by_level.items()]
 
     if "raw" in report["results"]:
-        # the ratio of the medians, and each round's own ratio (both servers measured in the same minutes)
-        report["vs_raw"] = {
-            target: [{"concurrency": o["concurrency"], "throughput_ratio": round(o["tokens_per_s"] / r["tokens_per_s"], 3),
-                      "throughput_ratio_per_round": [round(a.tokens_per_s / b.tokens_per_s, 3) for a, b in
-                                                     zip(rounds[target][o["concurrency"]], rounds["raw"][o["concurrency"]])],
-                      "ttft_p50_added_ms": round(o["ttft_p50_ms"] - r["ttft_p50_ms"], 1),
-                      "ttft_p50_added_ms_per_round": [round(a.ttft_p50_ms - b.ttft_p50_ms, 1) for a, b in
-                                                      zip(rounds[target][o["concurrency"]], rounds["raw"][o["concurrency"]])],
-                      "ttft_p99_added_ms": round(o["ttft_p99_ms"] - r["ttft_p99_ms"], 1)}
-                     for o, r in zip(levels, report["results"]["raw"])]
-            for target, levels in report["results"].items() if target != "raw"}
+        report["vs_raw"] = {target: [compare(rounds[target][c], rounds["raw"][c], before_raw[target]) for c in concurrency]
+                            for target in runners if target != "raw"}
         for target, rows in report["vs_raw"].items():
             for row in rows:
                 print(f"   median {target}/raw c={row['concurrency']:3d}: throughput x{row['throughput_ratio']:.3f} "
                       f"(rounds {row['throughput_ratio_per_round']}), TTFT p50 {row['ttft_p50_added_ms']:+.1f} ms "
                       f"(rounds {row['ttft_p50_added_ms_per_round']}), "
-                      f"p99 {row['ttft_p99_added_ms']:+.1f} ms")
+                      f"p99 {row['ttft_p99_added_ms']:+.1f} ms; by place in the round: {row['by_position']}")
     stem = "serve_bench" + ("_smoke" if args.smoke else "") + (f"_{args.tag}" if args.tag else "")
     write_results(stem, report, Path(args.out), plot)
     return report
