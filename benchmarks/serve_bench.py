@@ -22,6 +22,7 @@ both sides; ``--stream-batching-ms`` sets ``stream_batching_interval_ms`` on our
     python benchmarks/serve_bench.py --targets ours ours-hop raw --tag paths
     python benchmarks/serve_bench.py --output-tokens-spread 0.5 --tag spread   # 32 to 96 tokens a request
     python benchmarks/serve_bench.py --smoke --port PORT  # tiny model, seconds, on a running cluster (tests)
+    python benchmarks/serve_bench.py --pool benchmarks/results/serve_bench*.json  # every round of earlier runs
 
 Writes benchmarks/results/serve_bench.json and serve_bench.png (``_smoke``, ``_<tag>``).
 """
@@ -32,7 +33,9 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -91,9 +94,9 @@ class ServeLLMApp:
 def compare(target: list[LevelResult], raw: list[LevelResult], before_raw: list[bool]) -> dict:
     """One target against ``vllm serve`` at one level, from the rounds both ran: the ratio of the
     medians, each round's own figures, and those figures split by whether the target ran before raw in
-    its round. Which server goes first in a round moves its figures at 32 clients (the rounds of
-    earlier runs: ours' TTFT p50 +31 ms from raw's when first, -51 ms when second); alternating the
-    order over an even number of rounds gives each server each place equally often."""
+    its round. A server measured first in a round meets the machine as the previous level left it, the
+    second as the first left it; the order alternates over an even number of rounds so that neither
+    place favours one server, and the split shows whether the place mattered."""
     ratios = [round(a.tokens_per_s / b.tokens_per_s, 3) for a, b in zip(target, raw)]
     added = [round(a.ttft_p50_ms - b.ttft_p50_ms, 1) for a, b in zip(target, raw)]
 
@@ -114,6 +117,77 @@ def compare(target: list[LevelResult], raw: list[LevelResult], before_raw: list[
             "ttft_p50_added_ms_per_round": added,
             "ttft_p99_added_ms": round(median("ttft_p99_ms", target) - median("ttft_p99_ms", raw), 1),
             "by_position": by_position}
+
+
+def pool(reports: list[dict], target: str = "ours", resamples: int = 10_000, seed: int = 0) -> list[dict]:
+    """Every round of several runs, per concurrency and output-length spread: the median of the rounds'
+    own TTFT p50 differences and throughput ratios against raw, each with a bootstrap 95% interval.
+    One run's few rounds move by more than a 10 ms target; pooled rounds say how far a figure is known."""
+    groups: dict[tuple[int, float], dict] = {}
+    for report in reports:
+        if target not in report["results"] or "raw" not in report["results"]:
+            continue
+        spread = report["settings"].get("output_tokens_spread", 0.0)
+        raw_levels = {lv["concurrency"]: lv for lv in report["results"]["raw"]}
+        for level in report["results"][target]:
+            raw = raw_levels.get(level["concurrency"])
+            if raw is None:
+                continue
+            group = groups.setdefault((level["concurrency"], spread), {"runs": 0, "ttft": [], "ratio": []})
+            group["runs"] += 1
+            for a, b in zip(level["per_round"], raw["per_round"]):
+                group["ttft"].append(a["ttft_p50_ms"] - b["ttft_p50_ms"])
+                group["ratio"].append(a["tokens_per_s"] / b["tokens_per_s"])
+    rng = random.Random(seed)
+
+    def interval(values: list[float]) -> list[float]:
+        medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+        return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
+
+    rows = []
+    for (concurrency, spread), group in sorted(groups.items()):
+        ttft_ci, ratio_ci = interval(group["ttft"]), interval(group["ratio"])
+        rows.append({"concurrency": concurrency, "output_tokens_spread": spread, "runs": group["runs"],
+                     "rounds": len(group["ttft"]),
+                     "ttft_p50_added_ms": round(statistics.median(group["ttft"]), 1),
+                     "ttft_p50_added_ms_ci95": [round(x, 1) for x in ttft_ci],
+                     "ttft_p50_added_ms_per_round": [round(x, 1) for x in group["ttft"]],
+                     "throughput_ratio": round(statistics.median(group["ratio"]), 3),
+                     "throughput_ratio_ci95": [round(x, 3) for x in ratio_ci],
+                     "throughput_ratio_per_round": [round(x, 3) for x in group["ratio"]]})
+    return rows
+
+
+def plot_pool(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    rows = report["pooled"]
+    labels = [f"{r['concurrency']} clients" + (f", ±{r['output_tokens_spread']:.0%}" if r["output_tokens_spread"] else "")
+              for r in rows]
+    # the issue's goals: >= 0.95x throughput, TTFT p50 at most 10 ms above vllm serve's
+    for ax, key, unit, target, goal in ((axes[0], "throughput_ratio", "ours / vllm serve", 1.0, 0.95),
+                                        (axes[1], "ttft_p50_added_ms", "ms, ours − vllm serve", 0.0, 10.0)):
+        for x, row in enumerate(rows):
+            values = row[f"{key}_per_round"]
+            ax.plot([x + 0.04 * ((i % 7) - 3) for i in range(len(values))], values, ".", color="tab:gray", alpha=0.6)
+            low, high = row[f"{key}_ci95"]
+            ax.errorbar([x], [row[key]], yerr=[[row[key] - low], [high - row[key]]], fmt="o", color="tab:blue",
+                        capsize=6, label="median, 95% interval" if x == 0 else None)
+        ax.axhline(target, color="black", lw=0.8)
+        ax.axhline(goal, color="tab:red", lw=0.8, ls="--", label="goal")
+        ax.set_xticks(range(len(rows)), labels)
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("throughput per round")
+    axes[1].set_title("TTFT p50 difference per round")
+    fig.suptitle(f"{len(report['files'])} runs of serve_bench pooled, every round a dot")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -178,9 +252,21 @@ def main(argv: list[str] | None = None) -> dict:
                         help="rounds, the targets' order reversed each round; even, so each target runs first as "
                              "often as last (default 4; smoke 1)")
     parser.add_argument("--settle-s", type=float, default=None, help="idle time after warm-up (default 15; smoke 0)")
+    parser.add_argument("--pool", nargs="+", metavar="JSON", default=None,
+                        help="measure nothing: pool the rounds of earlier runs' result files (serve_bench_pooled.*)")
     parser.add_argument("--tag", default="", help="suffix for the result files")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
+    if args.pool:
+        report = {"benchmark": "serve_bench_pooled", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "files": [Path(f).name for f in args.pool],
+                  "pooled": pool([json.loads(Path(f).read_text()) for f in args.pool])}
+        for row in report["pooled"]:
+            print(f"   c={row['concurrency']:3d} spread {row['output_tokens_spread']:.2f}: {row['rounds']} rounds of "
+                  f"{row['runs']} runs: throughput x{row['throughput_ratio']:.3f} {row['throughput_ratio_ci95']}, "
+                  f"TTFT p50 {row['ttft_p50_added_ms']:+.1f} ms {row['ttft_p50_added_ms_ci95']}")
+        write_results("serve_bench_pooled" + (f"_{args.tag}" if args.tag else ""), report, Path(args.out), plot_pool)
+        return report
     if not 0 <= args.output_tokens_spread < 1:
         parser.error("--output-tokens-spread must be in [0, 1)")
     rounds_n = args.rounds or (1 if args.smoke else 4)
