@@ -3,8 +3,9 @@ model and engine settings (dtype, context, LoRA and tool-calling flags), in the 
 
 Concurrent streaming chat clients send a fixed prompt and read a fixed number of output tokens
 (``ignore_eos``), or with ``--output-tokens-spread`` a number drawn per request around it (the same
-draws for every target of a round). Reported per concurrency level: output tokens/s, time to first token (TTFT) p50/p99,
-inter-token latency (ITL, gaps between streamed tokens) p50/p99, and each target's ratios to raw.
+draws for every target of a round). Reported per concurrency level: output tokens/s, time to first
+token (TTFT) p50/p99, inter-token latency (ITL, gaps between streamed tokens) p50/p99, and each
+target's ratios to raw.
 
 Targets:
   ours       the shipped app (its gateway runs in the LLM's replica: ``gateway.host_llm``)
@@ -22,7 +23,7 @@ both sides; ``--stream-batching-ms`` sets ``stream_batching_interval_ms`` on our
     python benchmarks/serve_bench.py --targets ours ours-hop raw --tag paths
     python benchmarks/serve_bench.py --output-tokens-spread 0.5 --tag spread   # 32 to 96 tokens a request
     python benchmarks/serve_bench.py --smoke --port PORT  # tiny model, seconds, on a running cluster (tests)
-    python benchmarks/serve_bench.py --pool benchmarks/results/serve_bench*.json  # every round of earlier runs
+    python benchmarks/serve_bench.py --pool benchmarks/results/serve_bench_{balanced,spread}.json  # rounds pooled
 
 Writes benchmarks/results/serve_bench.json and serve_bench.png (``_smoke``, ``_<tag>``).
 """
@@ -125,6 +126,9 @@ def pool(reports: list[dict], target: str = "ours", resamples: int = 10_000, see
     One run's few rounds move by more than a 10 ms target; pooled rounds say how far a figure is known."""
     groups: dict[tuple[int, float], dict] = {}
     for report in reports:
+        # a glob over the results also finds smoke runs (the tiny model) and pooled files: not rounds
+        if report.get("benchmark") != "serve_bench" or report["settings"].get("smoke"):
+            continue
         if target not in report["results"] or "raw" not in report["results"]:
             continue
         spread = report["settings"].get("output_tokens_spread", 0.0)
@@ -166,8 +170,8 @@ def plot_pool(report: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     rows = report["pooled"]
-    labels = [f"{r['concurrency']} clients" + (f", ±{r['output_tokens_spread']:.0%}" if r["output_tokens_spread"] else "")
-              for r in rows]
+    labels = [f"{r['concurrency']} clients" + (f", ±{r['output_tokens_spread']:.0%}" if r["output_tokens_spread"]
+                                               else "") for r in rows]
     # the issue's goals: >= 0.95x throughput, TTFT p50 at most 10 ms above vllm serve's
     for ax, key, unit, target, goal in ((axes[0], "throughput_ratio", "ours / vllm serve", 1.0, 0.95),
                                         (axes[1], "ttft_p50_added_ms", "ms, ours − vllm serve", 0.0, 10.0)):
@@ -361,7 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["results"][target] = [median_level(c, results) for c, results in by_level.items()]
 
     if "raw" in report["results"]:
-        report["vs_raw"] = {target: [compare(rounds[target][c], rounds["raw"][c], before_raw[target]) for c in concurrency]
+        report["vs_raw"] = {target: [compare(rounds[target][c], rounds["raw"][c], before_raw[target])
+                                     for c in concurrency]
                             for target in runners if target != "raw"}
         for target, rows in report["vs_raw"].items():
             for row in rows:

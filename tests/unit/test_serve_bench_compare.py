@@ -37,7 +37,7 @@ def report(spread: float, rounds: dict[int, list[tuple[float, float, float, floa
     def levels(pick):
         return [{"concurrency": c, "per_round": [{"tokens_per_s": pick(r)[0], "ttft_p50_ms": pick(r)[1]} for r in rs]}
                 for c, rs in rounds.items()]
-    return {"settings": {"output_tokens_spread": spread},
+    return {"benchmark": "serve_bench", "settings": {"output_tokens_spread": spread, "smoke": False},
             "results": {"raw": levels(lambda r: r[:2]), target: levels(lambda r: r[2:])}}
 
 
@@ -45,7 +45,9 @@ def test_pooled_rounds_give_medians_with_intervals_per_level_and_workload():
     runs = [report(0.0, {8: [(100, 300, 101, 290), (100, 300, 99, 320)], 32: [(100, 1000, 95, 1100)]}),
             report(0.0, {32: [(100, 1000, 98, 980), (100, 1000, 100, 1010)]}),
             report(0.5, {32: [(100, 500, 100, 505)]}),
-            report(0.0, {32: [(1, 1, 1, 1)]}, target="serve-llm")]  # another target: not pooled as ours
+            report(0.0, {32: [(1, 1, 1, 1)]}, target="serve-llm"),  # another target: not pooled as ours
+            report(0.0, {32: [(1, 1, 1, 1)]}) | {"settings": {"smoke": True}},  # the tiny model: not a round
+            {"benchmark": "serve_bench_pooled", "pooled": []}]  # a glob over the results finds these too
     rows = pool(runs, resamples=2000)
     assert [(r["concurrency"], r["output_tokens_spread"], r["runs"], r["rounds"]) for r in rows] == [
         (8, 0.0, 1, 2), (32, 0.0, 2, 3), (32, 0.5, 1, 1)]
