@@ -346,14 +346,13 @@ def main(argv: list[str] | None = None) -> dict:
         # let one-off start-up work (Ray's idle worker pool, ray.serve.llm's telemetry actor) finish
         time.sleep(settle_s)
         rounds: dict[str, dict[int, list[LevelResult]]] = {t: {c: [] for c in concurrency} for t in runners}
-        before_raw: dict[str, list[bool]] = {t: [] for t in runners}
+
+        def order(r: int) -> list[str]:
+            return list(runners) if r % 2 == 0 else list(reversed(runners))
+
         for r in range(rounds_n):
             for c in concurrency:
-                order = list(runners) if r % 2 == 0 else list(reversed(runners))
-                if c == concurrency[0] and "raw" in order:
-                    for target in order:
-                        before_raw[target].append(order.index(target) < order.index("raw"))
-                for target in order:
+                for target in order(r):
                     result = asyncio.run(run_level(runners[target].base_url, llm.name, PROMPT, c, per_client[c],
                                                    output_tokens, args.output_tokens_spread, seed=r))
                     rounds[target][c].append(result)
@@ -365,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["results"][target] = [median_level(c, results) for c, results in by_level.items()]
 
     if "raw" in report["results"]:
+        before_raw = {t: [order(r).index(t) < order(r).index("raw") for r in range(rounds_n)] for t in runners}
         report["vs_raw"] = {target: [compare(rounds[target][c], rounds["raw"][c], before_raw[target])
                                      for c in concurrency]
                             for target in runners if target != "raw"}
