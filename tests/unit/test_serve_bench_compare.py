@@ -74,3 +74,10 @@ def test_pool_mode_reads_result_files_and_writes_its_own(tmp_path):
     assert (out / "serve_bench_pooled.png").stat().st_size > 10_000
     (row,) = result["pooled"]
     assert (row["runs"], row["rounds"], row["ttft_p50_added_ms"], row["throughput_ratio"]) == (2, 3, 0.0, 0.99)
+
+
+@pytest.mark.parametrize("spread", ["-0.1", "1", "1.5"])
+def test_a_spread_outside_zero_to_one_is_refused_before_anything_starts(capsys, spread):
+    with pytest.raises(SystemExit):
+        main(["--output-tokens-spread", spread])
+    assert "--output-tokens-spread must be in [0, 1)" in capsys.readouterr().err
